@@ -1,0 +1,3 @@
+from pvsfarm.cli import main
+
+main()

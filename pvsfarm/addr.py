@@ -1,0 +1,46 @@
+"""Value classes for link-layer addresses (never loose strings)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pvsfarm.errors import InvalidInput
+
+_SEP = re.compile(r"[:\-.]")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class MacAddress:
+    """A 48-bit unicast Ethernet address, canonical form ``52:54:00:12:34:56``."""
+
+    packed: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.packed) != 6:
+            raise InvalidInput(f"MAC address must be 6 octets, got {len(self.packed)}")
+
+    @classmethod
+    def parse(cls, text: str) -> "MacAddress":
+        """Parse ``aa:bb:cc:dd:ee:ff`` / ``aa-bb-..`` / ``aabb.ccdd.eeff`` / 12 hex digits.
+
+        Rejects anything that is not six octets of hex and any multicast address
+        (low bit of the first octet set): a target's NIC never has one.
+        """
+        raw = text.strip()
+        digits = _SEP.sub("", raw)
+        if _SEP.search(raw):
+            parts = _SEP.split(raw)
+            if len(parts) == 6 and all(1 <= len(p) <= 2 for p in parts):
+                digits = "".join(p.zfill(2) for p in parts)
+            elif not (len(parts) == 3 and all(len(p) == 4 for p in parts)):
+                raise InvalidInput(f"invalid MAC address {text!r}: expected 6 octets")
+        if len(digits) != 12 or not re.fullmatch(r"[0-9a-fA-F]{12}", digits):
+            raise InvalidInput(f"invalid MAC address {text!r}: expected 6 hex octets")
+        mac = cls(bytes.fromhex(digits))
+        if mac.packed[0] & 0x01:
+            raise InvalidInput(f"invalid MAC address {text!r}: multicast bit set")
+        return mac
+
+    def __str__(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.packed)

@@ -1,0 +1,159 @@
+"""vDisks: registration (digest, copy into the store), listing, removal."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from pvsfarm.admin.common import audit, get_vdisk, iso, parse_name
+from pvsfarm.db.models import Device, Server, VDisk, VDiskCopy
+from pvsfarm.errors import Conflict, InvalidInput, StoreError
+from pvsfarm.views import BootMethod, CacheType, CopyState, VDiskMode
+
+Progress = Callable[[int, int], None]
+"""progress(done_bytes, total_bytes)."""
+ProgressFactory = Callable[[str], Progress]
+"""progress_for(phase) -> a Progress for that phase ('copy', 'digest')."""
+
+CHUNK_BYTES = 1 << 20
+SECTOR_BYTES = 512
+
+
+def check_image(path: Path) -> int:
+    """Size of a vDisk image file, or InvalidInput naming what is wrong."""
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"vDisk file {str(path)!r} does not exist") from exc
+    except OSError as exc:
+        raise InvalidInput(f"vDisk file {str(path)!r}: {exc.strerror}") from exc
+    if not path.is_file():
+        raise InvalidInput(f"vDisk file {str(path)!r} is not a regular file")
+    if st.st_size == 0 or st.st_size % SECTOR_BYTES:
+        raise InvalidInput(
+            f"vDisk file {str(path)!r} is {st.st_size} bytes: not a non-zero multiple of {SECTOR_BYTES}"
+        )
+    return st.st_size
+
+
+def digest_file(path: Path, progress: Progress | None = None) -> str:
+    """``sha256:<hex>`` of a file, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return "sha256:" + h.hexdigest()
+
+
+def copy_into_store(src: Path, dst: Path, progress: Progress | None = None) -> None:
+    """Copy via a temporary name then rename, so a partial copy is never visible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    total = src.stat().st_size
+    done = 0
+    try:
+        with src.open("rb") as fin, tmp.open("wb") as fout:
+            while chunk := fin.read(CHUNK_BYTES):
+                fout.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot copy {src} into the store: {exc.strerror}") from exc
+
+
+def vdisk_dict(v: VDisk) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "size_bytes": v.size_bytes,
+        "mode": v.mode.value,
+        "cache_type": v.cache_type.value,
+        "boot_method": v.boot_method.value,
+        "digest": v.digest,
+        "file": v.file_name,
+        "updated_at": iso(v.updated_at),
+        "copies": [
+            {"server": c.server.name, "path": c.path, "state": c.state.value, "progress_pct": c.progress_pct}
+            for c in sorted(v.copies, key=lambda c: c.server.name)
+        ],
+    }
+
+
+def add_vdisk(
+    session: Session,
+    actor: str,
+    server: Server,
+    name: str,
+    image: Path,
+    store_dir: Path,
+    *,
+    mode: VDiskMode,
+    cache_type: CacheType,
+    boot_method: BootMethod,
+    copy: bool = True,
+    progress_for: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Register a vDisk from ``image``. The copy in the store is verified (its digest is the vDisk's)."""
+    name = parse_name(name, "vDisk")
+    if session.scalar(select(VDisk).where(VDisk.name == name)) is not None:
+        raise Conflict(f"vDisk {name!r} already exists")
+    size = check_image(image)
+    if mode is VDiskMode.PRIVATE and cache_type is CacheType.DEVICE_RAM:
+        raise InvalidInput("a private image has no write cache: --cache applies to standard images only")
+    target = image.resolve()
+    if copy and target.parent != store_dir.resolve():
+        target = store_dir.resolve() / f"{name}.img"
+        if target.exists():
+            raise Conflict(f"{target} already exists in the store")
+        copy_into_store(image, target, progress_for("copy") if progress_for else None)
+    digest = digest_file(target, progress_for("digest") if progress_for else None)
+    vdisk = VDisk(
+        name=name, size_bytes=size, mode=mode, cache_type=cache_type, digest=digest,
+        boot_method=boot_method, file_name=target.name,
+    )
+    vdisk.copies.append(
+        VDiskCopy(server=server, path=str(target), digest=digest, state=CopyState.VERIFIED, progress_pct=100)
+    )
+    session.add(vdisk)
+    session.flush()
+    audit(session, actor, "add", "vdisk", name, size_bytes=size, digest=digest, mode=mode.value)
+    return vdisk_dict(vdisk)
+
+
+def list_vdisks(session: Session) -> list[dict[str, Any]]:
+    stmt = select(VDisk).options(selectinload(VDisk.copies).joinedload(VDiskCopy.server)).order_by(VDisk.name)
+    return [vdisk_dict(v) for v in session.scalars(stmt)]
+
+
+def show_vdisk(session: Session, name: str) -> dict[str, Any]:
+    return vdisk_dict(get_vdisk(session, name))
+
+
+def remove_vdisk(session: Session, actor: str, name: str) -> str:
+    """Unregister a vDisk (its files stay on disk). Refused while devices use it."""
+    vdisk = get_vdisk(session, name)
+    users = session.scalars(select(Device.name).where(Device.vdisk_id == vdisk.id).order_by(Device.name)).all()
+    if users:
+        more = f" and {len(users) - 3} more" if len(users) > 3 else ""
+        raise Conflict(f"vDisk {name!r} is assigned to device(s) {', '.join(users[:3])}{more}")
+    session.delete(vdisk)
+    audit(session, actor, "remove", "vdisk", name)
+    return name
+
+
+__all__ = ["add_vdisk", "list_vdisks", "show_vdisk", "remove_vdisk", "check_image", "digest_file"]
