@@ -167,6 +167,27 @@ def vdisk_add(ctx: click.Context, name: str, image: str, mode: str, cache: str, 
     emit_json(out) if as_json else click.echo(f"added vDisk {out['name']} ({out['size_bytes']} bytes, {out['digest']})")
 
 
+@vdisk.command("copy")
+@click.argument("name")
+@click.option("--path", "image", required=True, help="The copy's file, as the server sees it.")
+@click.option("--server", "server_name", help="Server holding the copy (default: this node, from --config).")
+@json_option
+@click.pass_context
+def vdisk_copy(ctx: click.Context, name: str, image: str, server_name: str | None, as_json: bool) -> None:
+    """Record a server's copy of a vDisk after checking its digest (a mismatch is refused)."""
+    app = app_of(ctx)
+    cfg = app.config
+
+    def work(s):  # type: ignore[no-untyped-def]
+        holder = server_name or farm.ensure_server(s, cfg.name, cfg.address, http_port=cfg.http.listen_port,
+                                                   nbd_port=cfg.nbd.listen_port, tftp_port=cfg.tftp.listen_port)
+        return vdisks.add_copy(s, app.actor, name, holder, Path(image), progress_printer(f"vdisk {name}: digest"))
+
+    out = run(ctx, work)
+    where = server_name or cfg.name
+    emit_json(out) if as_json else click.echo(f"recorded verified copy of {name} on {where}: {image}")
+
+
 @vdisk.command("list")
 @json_option
 @click.pass_context
@@ -255,6 +276,7 @@ def bootstrap_show(ctx: click.Context, as_json: bool) -> None:
 
 def register(root: click.Group) -> None:
     from pvsfarm.node_cli import node
+    from pvsfarm.target.cli import target
 
-    for group in (db, device, collection, vdisk, server, bootstrap, node):
+    for group in (db, device, collection, vdisk, server, bootstrap, node, target):
         root.add_command(group)

@@ -1,17 +1,22 @@
 """``pvsfarm node``: one asyncio process serving the farm's protocols.
 
-Starts the protocol servers this node's config enables, registers the node
-in the database and heartbeats. DHCP stays off unless the config names an
-interface (a default node never answers DHCP on a network by surprise).
+HTTP (bootstrap, login API, sanboot range reads), NBD (vDisk streaming),
+TFTP (iPXE loaders and the bootstrap) and — only when the config names an
+interface — DHCP. Hot paths read the in-memory inventory; one background
+loop heartbeats, flushes the session journal and re-reads the inventory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,97 +24,192 @@ from sqlalchemy import select
 
 from pvsfarm.admin.farm import ensure_server
 from pvsfarm.app import App
+from pvsfarm.config import NodeConfig
 from pvsfarm.db.engine import session_scope
 from pvsfarm.db.models import Server, utcnow
+from pvsfarm.db.snapshot import MemoryInventory, load_snapshot
 from pvsfarm.errors import DatabaseUnavailable, PvsfarmError
+from pvsfarm.streaming.exports import Exports
+from pvsfarm.streaming.http_api import HttpApi
+from pvsfarm.streaming.journal import Journal, live_load, write_batch
+from pvsfarm.streaming.login import LoginService
 from pvsfarm.views import ServerState
 
 log = logging.getLogger("pvsfarm.node")
+IPXE_LOADERS = (Path("/usr/lib/ipxe/undionly.kpxe"), Path("/usr/lib/ipxe/ipxe.efi"))
+"""Debian's ipxe package; copied into the TFTP root when missing there."""
+BOOTSTRAP_NAMES = ("boot.ipxe", "bootstrap.ipxe")
 
 
 @dataclass
 class Node:
     app: App
     say: Callable[[str], None] = print
-    runners: list[Any] = field(default_factory=list)
+    inventory: MemoryInventory = field(default_factory=MemoryInventory)
+    journal: Journal = field(default_factory=Journal)
     closers: list[Callable[[], Any]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    online: bool = True
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        secret = lambda: self.inventory.snapshot.secret  # noqa: E731
+        self.login = LoginService(self.inventory, secret, self.journal, cfg.dead_after_s,
+                                  shared_store=cfg.store.shared)
+        self.exports = Exports(self.inventory, secret, cfg.name, cfg.store_path / "writecache", self.journal,
+                               time.time, admin_from_loopback_only=cfg.nbd.admin_from_loopback_only)
+        self.http = HttpApi(self.inventory, self.login, self.exports, cfg.name,
+                            f"http://{cfg.address}:{cfg.http.listen_port}")
 
     @property
-    def cfg(self):  # type: ignore[no-untyped-def]
+    def cfg(self) -> NodeConfig:
         return self.app.config
+
+    # -- database side (runs in a worker thread) ---------------------------
 
     def register(self) -> None:
         cfg = self.cfg
         with session_scope(self.app.sessions()) as s:
             server = ensure_server(s, cfg.name, cfg.address, http_port=cfg.http.listen_port,
                                    nbd_port=cfg.nbd.listen_port, tftp_port=cfg.tftp.listen_port)
-            server.state = ServerState.UP
-            server.heartbeat_at = utcnow()
+            server.state, server.heartbeat_at = ServerState.UP, utcnow()
+            self.inventory.replace(load_snapshot(s))
 
-    def heartbeat(self, state: ServerState | None = None) -> None:
+    def sync(self, state: ServerState | None = None) -> None:
+        """Heartbeat + journal flush + inventory refresh, in one transaction."""
+        batch = self.journal.take()
+        try:
+            with session_scope(self.app.sessions()) as s:
+                write_batch(s, batch)
+        except BaseException:
+            self.journal.restore(batch)
+            raise
         with session_scope(self.app.sessions()) as s:
             server = s.scalar(select(Server).where(Server.name == self.cfg.name))
-            if server is None:
-                return
-            server.heartbeat_at = utcnow()
-            if state is not None:
-                server.state = state
+            if server is not None:
+                server.heartbeat_at = utcnow()
+                server.load = live_load(s, self.cfg.name)
+                if state is not None:
+                    server.state = state
+            s.flush()
+            snapshot = load_snapshot(s, self.inventory.snapshot)
+        self.inventory.replace(snapshot)
+        self.login.refreshed()
 
-    async def start_http(self) -> None:
-        cfg = self.cfg.http
-        webapp = web.Application()
-        webapp.router.add_get("/health", self._health)
-        runner = web.AppRunner(webapp, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.listen_address, cfg.listen_port)
-        await site.start()
-        self.runners.append(runner)
-        self.say(f"http: listening on {cfg.listen_address}:{cfg.listen_port} (login API, bootstrap)")
-
-    async def _health(self, _request: web.Request) -> web.Response:
-        return web.json_response({"node": self.cfg.name, "status": "ok"})
-
-    async def heartbeat_loop(self) -> None:
+    async def sync_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                await asyncio.to_thread(self.heartbeat)
-            except DatabaseUnavailable as exc:
-                log.warning("heartbeat failed: %s", exc)
+                await asyncio.to_thread(self.sync)
+                if not self.online:
+                    self.online = True
+                    log.warning("database reachable again: journal written back, inventory refreshed")
+            except (DatabaseUnavailable, PvsfarmError) as exc:
+                if self.online:
+                    self.online = False
+                    log.warning("database unavailable, serving from memory: %s", exc)
+            except Exception:  # noqa: BLE001 - the sync loop must outlive any one bad round
+                log.exception("inventory sync failed; retrying")
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.cfg.heartbeat_interval_s)
             except TimeoutError:
                 pass
 
+    # -- protocol servers --------------------------------------------------
+
+    async def start_http(self) -> None:
+        cfg = self.cfg.http
+        webapp = web.Application()
+        webapp.router.add_get("/health", self._health)
+        self.http.routes(webapp)
+        runner = web.AppRunner(webapp, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, cfg.listen_address, cfg.listen_port).start()
+        self.closers.append(runner.cleanup)
+        self.say(f"http: listening on {cfg.listen_address}:{cfg.listen_port} (login API, bootstrap, sanboot)")
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"node": self.cfg.name, "status": "ok", "database": self.online,
+                                  "sessions": self.exports.open_sessions()})
+
+    async def start_nbd(self) -> None:
+        from pvsfarm.streaming.nbd.server import start_nbd_server
+
+        cfg = self.cfg.nbd
+        server = await start_nbd_server(self.exports, cfg.listen_address, cfg.listen_port,
+                                        max_request_bytes=cfg.max_request_bytes)
+        self.closers.append(server.close)
+        self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port}")
+
+    def bootstrap_file(self, name: str, _peer: tuple[str, int]) -> bytes | None:
+        return self.http.bootstrap_text().encode() if name.lstrip("/") in BOOTSTRAP_NAMES else None
+
+    async def start_tftp(self) -> None:
+        from pvsfarm.bootstrap.tftp.server import TftpSettings, start_tftp_server
+
+        cfg, root = self.cfg.tftp, self.cfg.tftp_root
+        for loader in IPXE_LOADERS:
+            if loader.exists() and not (root / loader.name).exists():
+                shutil.copyfile(loader, root / loader.name)
+        server = await start_tftp_server(TftpSettings(root=root, host=cfg.listen_address, port=cfg.listen_port,
+                                                      max_transfers=cfg.max_transfers), self.bootstrap_file)
+        self.closers.append(server.close)
+        self.say(f"tftp: listening on {cfg.listen_address}:{cfg.listen_port} (root {root})")
+
+    async def start_dhcp(self) -> None:
+        from pvsfarm.bootstrap.dhcp.server import start_dhcp_server
+        from pvsfarm.bootstrap.dhcp.session import DhcpSettings
+
+        c = self.cfg.dhcp
+        assert c.interface and c.server_ip and c.subnet  # parse_config enforces these
+        settings = DhcpSettings(
+            interface=c.interface, server_ip=IPv4Address(c.server_ip), subnet=IPv4Network(c.subnet),
+            routers=(IPv4Address(c.router),) if c.router else (),
+            dns_servers=tuple(IPv4Address(d) for d in c.dns_servers), lease_s=c.lease_s,
+            bios_loader=c.bios_loader, efi_loader=c.efi_loader, ipxe_script_url="boot.ipxe",
+            proxy_mode=c.proxy_mode)
+        handle = await start_dhcp_server(settings, self.inventory)
+        self.closers.append(handle.close)
+        self.say(f"dhcp: serving {c.subnet} on {c.interface}{' (proxy)' if c.proxy_mode else ''}")
+
+    # -- lifecycle ---------------------------------------------------------
+
     async def run(self) -> None:
         cfg = self.cfg
         self.say(f"pvsfarm node {cfg.name!r}: database {self.app.db_url.split('@')[-1]}")
         self.say(f"data directory: {cfg.data_path} (store {cfg.store_path})")
-        cfg.store_path.mkdir(parents=True, exist_ok=True)
-        cfg.tftp_root.mkdir(parents=True, exist_ok=True)
+        for path in (cfg.store_path, cfg.tftp_root):
+            path.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.register)
-        if cfg.http.enabled:
-            await self.start_http()
-        if cfg.dhcp.interface is None:
-            self.say("dhcp: off (no dhcp.interface in the config)")
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
-        self.say("node ready")
         try:
-            await self.heartbeat_loop()
+            await self._start_servers()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stopping.set)
+            self.say("node ready")
+            await self.sync_loop()
         finally:
             await self.shutdown()
+
+    async def _start_servers(self) -> None:
+        cfg = self.cfg
+        if cfg.http.enabled:
+            await self.start_http()
+        if cfg.nbd.enabled:
+            await self.start_nbd()
+        if cfg.tftp.enabled:
+            await self.start_tftp()
+        if cfg.dhcp.interface is None:
+            self.say("dhcp: off (no dhcp.interface in the config)")
+        else:
+            await self.start_dhcp()
 
     async def shutdown(self) -> None:
         for close in reversed(self.closers):
             result = close()
             if asyncio.iscoroutine(result):
                 await result
-        for runner in self.runners:
-            await runner.cleanup()
         try:
-            await asyncio.to_thread(self.heartbeat, ServerState.DOWN)
+            await asyncio.to_thread(self.sync, ServerState.DOWN)
         except PvsfarmError as exc:
             log.warning("could not mark the node down: %s", exc)
         self.say("node stopped")

@@ -10,13 +10,27 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pvsfarm.addr import MacAddress
-from pvsfarm.db.models import AuditEntry, Collection, Device, Server, VDisk
+from pvsfarm.db.models import AuditEntry, Collection, Device, FarmSetting, Server, VDisk
 from pvsfarm.errors import InvalidInput, NotFound
 
 DEFAULT_COLLECTION = "default"
 
 
+GENERATION_KEY = "inventory_generation"
+
+
+def bump_generation(session: Session) -> None:
+    """Every admin change bumps the inventory generation, so nodes re-read
+    devices/vDisks/copies/bootstrap only when something changed."""
+    row = session.get(FarmSetting, GENERATION_KEY)
+    if row is None:
+        session.add(FarmSetting(key=GENERATION_KEY, value="1"))
+    else:
+        row.value = str(int(row.value) + 1)
+
+
 def audit(session: Session, actor: str, action: str, obj_type: str, name: str, **detail: Any) -> None:
+    bump_generation(session)
     session.add(
         AuditEntry(
             actor=actor,

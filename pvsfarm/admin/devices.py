@@ -7,7 +7,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, joinedload
 
 from pvsfarm.addr import MacAddress
@@ -20,7 +20,7 @@ from pvsfarm.admin.common import (
     parse_ipv4,
     parse_name,
 )
-from pvsfarm.db.models import Collection, Device
+from pvsfarm.db.models import Collection, Device, utcnow
 from pvsfarm.errors import Conflict, InvalidInput
 
 CSV_COLUMNS = ("mac", "name", "ipv4", "collection", "vdisk", "enabled")
@@ -163,17 +163,37 @@ def parse_csv(text: str) -> list[DeviceSpec]:
 
 
 def import_devices(session: Session, actor: str, specs: list[DeviceSpec]) -> int:
-    """Insert all devices or none (one transaction; the caller's scope rolls back)."""
-    for index, spec in enumerate(specs):
+    """Insert all devices or none (one transaction; the caller's scope rolls back).
+
+    Uniqueness is checked against three preloaded sets and the rows go in as
+    one bulk insert: 10,000 devices import in seconds, not minutes.
+    """
+    taken = {
+        field: dict(session.execute(select(column, Device.name).where(column.is_not(None))).all())
+        for field, column in (("mac", Device.mac), ("name", Device.name), ("ipv4", Device.ipv4))
+    }
+    seen: dict[str, dict[str, str]] = {"mac": {}, "name": {}, "ipv4": {}}
+    for spec in specs:
         for field in ("mac", "name", "ipv4"):
             value = getattr(spec, field)
-            if value is not None and any(getattr(s, field) == value for s in specs[:index]):
-                raise Conflict(f"duplicate {field} {value} within the CSV (device {spec.name!r})")
-    for spec in specs:
-        try:
-            _insert(session, spec)
-        except Conflict as exc:
-            raise Conflict(f"device {spec.name!r}: {exc}") from exc
+            if value is None:
+                continue
+            what = {"mac": "MAC", "name": "name", "ipv4": "IP reservation"}[field]
+            if value in taken[field]:
+                raise Conflict(f"device {spec.name!r}: duplicate {what} {value}: already used by device "
+                               f"{taken[field][value]!r}")
+            if value in seen[field]:
+                raise Conflict(f"duplicate {what} {value} within the CSV (devices {seen[field][value]!r} "
+                               f"and {spec.name!r})")
+            seen[field][value] = spec.name
+    collections = {c: get_collection(session, c, create_default=True).id for c in {s.collection for s in specs}}
+    vdisks = {v: get_vdisk(session, v).id for v in {s.vdisk for s in specs if s.vdisk}}
+    if specs:
+        session.execute(insert(Device), [
+            {"mac": s.mac, "name": s.name, "ipv4": s.ipv4, "collection_id": collections[s.collection],
+             "vdisk_id": vdisks[s.vdisk] if s.vdisk else None, "enabled": s.enabled, "created_at": utcnow()}
+            for s in specs
+        ])
     audit(session, actor, "import", "device", f"{len(specs)} devices")
     return len(specs)
 

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from pvsfarm.admin.common import audit, get_vdisk, iso, parse_name
-from pvsfarm.db.models import Device, Server, VDisk, VDiskCopy
+from pvsfarm.admin.common import audit, get_server, get_vdisk, iso, parse_name
+from pvsfarm.db.models import Device, Server, VDisk, VDiskCopy, utcnow
 from pvsfarm.errors import Conflict, InvalidInput, StoreError
 from pvsfarm.views import BootMethod, CacheType, CopyState, VDiskMode
 
@@ -135,6 +135,34 @@ def add_vdisk(
     return vdisk_dict(vdisk)
 
 
+def add_copy(session: Session, actor: str, name: str, server: Server | str, image: Path,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Record ``image`` as ``server``'s copy of vDisk ``name``, verified by digest.
+
+    Run where ``image`` is readable at that path (on the server itself, or on a
+    shared store). A file whose size or digest differs from the vDisk's is
+    refused (`StoreError`), never recorded: a stale copy must not be served.
+    Re-running it re-verifies an existing copy (e.g. after an rsync).
+    """
+    vdisk = get_vdisk(session, name)
+    holder = get_server(session, server) if isinstance(server, str) else server
+    size = check_image(image)
+    if size != vdisk.size_bytes:
+        raise StoreError(f"{image} is {size} bytes, vDisk {name!r} is {vdisk.size_bytes}: not a copy of it")
+    digest = digest_file(image, progress)
+    if digest != vdisk.digest:
+        raise StoreError(f"{image} has digest {digest}, vDisk {name!r} has {vdisk.digest}: stale or different file")
+    copy = next((c for c in vdisk.copies if c.server_id == holder.id), None)
+    if copy is None:
+        copy = VDiskCopy(server=holder)
+        vdisk.copies.append(copy)
+    copy.path, copy.digest, copy.state, copy.progress_pct = str(image.resolve()), digest, CopyState.VERIFIED, 100
+    copy.updated_at = utcnow()
+    session.flush()
+    audit(session, actor, "copy", "vdisk", name, server=holder.name, path=copy.path, digest=digest)
+    return vdisk_dict(vdisk)
+
+
 def list_vdisks(session: Session) -> list[dict[str, Any]]:
     stmt = select(VDisk).options(selectinload(VDisk.copies).joinedload(VDiskCopy.server)).order_by(VDisk.name)
     return [vdisk_dict(v) for v in session.scalars(stmt)]
@@ -156,4 +184,4 @@ def remove_vdisk(session: Session, actor: str, name: str) -> str:
     return name
 
 
-__all__ = ["add_vdisk", "list_vdisks", "show_vdisk", "remove_vdisk", "check_image", "digest_file"]
+__all__ = ["add_vdisk", "add_copy", "list_vdisks", "show_vdisk", "remove_vdisk", "check_image", "digest_file"]

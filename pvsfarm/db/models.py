@@ -179,3 +179,11 @@ class AuditEntry(Base):
     object_type: Mapped[str] = mapped_column(String(31))
     object_name: Mapped[str] = mapped_column(String(255))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class FarmSetting(Base):
+    """Farm-wide key/value settings (e.g. the export-token signing secret)."""
+
+    __tablename__ = "farm_settings"
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

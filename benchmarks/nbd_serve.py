@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Serve one image with pvsfarm's NBD server (benchmark helper, run by nbd_bench.py).
+
+usage: nbd_serve.py IMAGE [--port 10809] [--host 127.0.0.1] [--name ''] [--writable]
+                    [--device-factory MODULE:FUNC | --overlay] [--no-uvloop]
+                    [--flush-kib 256] [--sendfile-min-kib 128] [--high-water-kib 0]
+
+``--device-factory MODULE:FUNC`` calls ``FUNC(image_path, read_only) -> BlockDevice``
+once per connection (the store's write-cache device plugs in here).  ``--overlay`` uses
+:class:`HalfOverlayDevice` below: every other block is read from a second file, as a
+stand-in for a write cache holding 50 % of the blocks, until the store lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pvsfarm.streaming.nbd import (  # noqa: E402
+    BlockDevice,
+    DictResolver,
+    Extent,
+    FileDevice,
+    install_uvloop,
+    start_nbd_server,
+)
+
+
+class HalfOverlayDevice(FileDevice):
+    """Read-only stand-in for a 50 %-populated write cache: odd blocks of ``block_bytes``
+    come from ``<image>.overlay`` (a byte-identical copy, so checksums still match),
+    even blocks from the base image, so reads return two extents per block pair."""
+
+    def __init__(self, path: str, read_only: bool = True, block_bytes: int = 64 * 1024) -> None:
+        super().__init__(path, read_only=True)
+        overlay = path + ".overlay"
+        if not os.path.exists(overlay) or os.path.getsize(overlay) != self.size_bytes:
+            shutil.copyfile(path, overlay)
+        self.overlay_fd = os.open(overlay, os.O_RDONLY | os.O_CLOEXEC)
+        self.block_bytes = block_bytes
+
+    def read_extents(self, offset: int, length: int) -> list[Extent]:
+        out, end, bs = [], offset + length, self.block_bytes
+        while offset < end:
+            stop = min(end, (offset // bs + 1) * bs)
+            fd = self.overlay_fd if (offset // bs) % 2 else self.fd
+            out.append(Extent(fd, offset, stop - offset))
+            offset = stop
+        return out
+
+    def close(self) -> None:
+        os.close(self.overlay_fd)
+        super().close()
+
+
+def load_factory(spec: str) -> Callable[[str, bool], BlockDevice]:
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    if args.device_factory:
+        factory = load_factory(args.device_factory)
+    elif args.overlay:
+        factory = HalfOverlayDevice
+    else:
+        factory = FileDevice
+    read_only = not args.writable
+    resolver = DictResolver({args.name: lambda: factory(args.image, read_only)})
+    server = await start_nbd_server(
+        resolver,
+        args.host,
+        args.port,
+        flush_bytes=args.flush_kib * 1024,
+        sendfile_min_bytes=args.sendfile_min_kib * 1024,
+        write_high_water_bytes=args.high_water_kib * 1024,
+        reuse_port=args.workers > 1,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening {server.sockets[0].getsockname()} loop={type(loop).__module__}", flush=True)
+    await stop.wait()
+    server.close()
+
+
+def fork_workers(workers: int) -> list[int]:
+    """Fork ``workers - 1`` children; the parent gets their pids, each child []."""
+    children: list[int] = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            return []
+        children.append(pid)
+    return children
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("image")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=10809)
+    p.add_argument("--name", default="")
+    p.add_argument("--writable", action="store_true")
+    p.add_argument("--device-factory", default="")
+    p.add_argument("--overlay", action="store_true")
+    p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--flush-kib", type=int, default=256)
+    p.add_argument("--sendfile-min-kib", type=int, default=128)
+    p.add_argument("--high-water-kib", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    children = fork_workers(args.workers)
+    if not args.no_uvloop and not install_uvloop():
+        sys.exit("uvloop is not installed (pass --no-uvloop to use stock asyncio)")
+    try:
+        asyncio.run(serve(args))
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":
+    main()

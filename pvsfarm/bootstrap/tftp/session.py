@@ -1,0 +1,305 @@
+"""The pure state machine of one TFTP read transfer (server side).
+
+Time is passed in (`now`, seconds on any monotonic scale), the file is read
+through an injected ``read_at(offset, length) -> bytes`` callable, and the
+caller moves datagrams: `receive` → `datagrams_to_send` → re-arm a timer at
+`next_deadline` → `handle_timer` when it fires.  No sockets, no clock.
+
+Rules, in RFC order:
+
+* RFC 2347: options the server does not know or accept are left out of the
+  OACK; if none is accepted the transfer starts with DATA 1 as in RFC 1350.
+  A value that is not a decimal number is refused with ERROR 8.
+* RFC 2348 blksize 8..65464: below 8 → option declined; above our
+  ``max_blksize`` → the OACK carries ``max_blksize`` (the server may answer a
+  smaller value; tftpd-hpa clamps the same way).
+* RFC 2349 timeout 1..255 s (else declined) and tsize (answered with the real
+  size on a read request).
+* RFC 7440 windowsize 1..65535 (else declined), clamped to ``max_windowsize``.
+  The sender keeps a window of unacknowledged blocks; an ACK inside it slides
+  the window to just after the acknowledged block and sends what is new.
+* RFC 1350 sorcerer's apprentice: a duplicate ACK (the block already
+  acknowledged) sends nothing; only the timer retransmits.  An ACK outside
+  [last acknowledged, last sent] is ignored (never sent → never advance).
+* Retransmission: the whole outstanding window (or the OACK) is resent each
+  ``timeout_s`` after the last send; after ``max_retries`` unanswered tries
+  the transfer ends with `TransferTimedOut`.
+* Block numbers are 16 bits and roll over to 0 after 65535, as tftpd-hpa
+  (default), atftpd, curl and iPXE expect.
+* netascii requests are served byte for byte (no CR/LF translation), like
+  octet: boot files are binary and translation would change ``tsize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pvsfarm.bootstrap.tftp.wire import (
+    MAX_BLOCK,
+    Ack,
+    Error,
+    ErrorCode,
+    MalformedMessage,
+    OptionAck,
+    Options,
+    ReadRequest,
+    ack_block,
+    data_header,
+    parse,
+    serialize,
+)
+from pvsfarm.errors import StoreError
+
+__all__ = [
+    "DEFAULT_BLKSIZE",
+    "MAX_BLKSIZE",
+    "MessageIgnored",
+    "ReadSession",
+    "SessionLimits",
+    "TransferAborted",
+    "TransferComplete",
+    "TransferEvent",
+    "TransferTimedOut",
+    "negotiate",
+]
+
+DEFAULT_BLKSIZE = 512
+"""RFC 1350 block size when no blksize option is negotiated."""
+MIN_BLKSIZE = 8
+MAX_BLKSIZE = 65464
+"""RFC 2348 §"Blocksize Option Specification": 8..65464 octets."""
+
+ReadAt = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What the server allows a client to negotiate."""
+
+    timeout_s: float = 1.0
+    """Retransmission timeout when the client sends no timeout option
+    (tftpd-hpa's default is 1 s; PXE ROMs retry within 1-4 s)."""
+    max_retries: int = 5
+    """Retransmissions of one window before giving up (tftpd-hpa: ~6 tries)."""
+    max_blksize: int = MAX_BLKSIZE
+    """Ceiling of the blksize option, in octets (RFC 2348 maximum)."""
+    max_windowsize: int = 64
+    """Ceiling of the windowsize option, in blocks (RFC 7440 allows 65535; a
+    cap bounds one burst to 64 x blksize, ~94 KiB at 1468)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferComplete:
+    """The last block was acknowledged."""
+
+    blocks: int
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferTimedOut:
+    """No acknowledgement after ``retries`` retransmissions; given up."""
+
+    retries: int
+    acked_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAborted:
+    """The transfer ended on an ERROR (``sent`` True: ours, else the peer's)."""
+
+    code: int
+    message: str
+    sent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MessageIgnored:
+    """A datagram that changed nothing (malformed, stale or unexpected)."""
+
+    reason: str
+
+
+TransferEvent = TransferComplete | TransferTimedOut | TransferAborted | MessageIgnored
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The parameters in force and the OACK to send (None: start with DATA)."""
+
+    blksize: int
+    windowsize: int
+    timeout_s: float
+    oack: OptionAck | None
+
+
+def negotiate(options: Options, size_bytes: int, limits: SessionLimits) -> Negotiated:
+    """Apply RFC 2347/2348/2349/7440; raise `MalformedMessage` (code 8) on a
+    value that is not a decimal number."""
+    blksize, windowsize, timeout_s = DEFAULT_BLKSIZE, 1, limits.timeout_s
+    accepted: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, raw in options:
+        if name in seen or name not in _KNOWN:
+            continue
+        seen.add(name)
+        if not raw.isascii() or not raw.isdigit():
+            raise MalformedMessage(f"option {name}={raw!r} is not a number", code=8)
+        value = int(raw)
+        if name == "blksize" and value >= MIN_BLKSIZE:
+            blksize = min(value, limits.max_blksize, MAX_BLKSIZE)
+            accepted.append((name, str(blksize)))
+        elif name == "windowsize" and 1 <= value <= MAX_BLOCK:
+            windowsize = min(value, limits.max_windowsize)
+            accepted.append((name, str(windowsize)))
+        elif name == "timeout" and 1 <= value <= 255:
+            timeout_s = float(value)
+            accepted.append((name, raw))
+        elif name == "tsize":
+            accepted.append((name, str(size_bytes)))
+    return Negotiated(blksize, windowsize, timeout_s, OptionAck(tuple(accepted)) if accepted else None)
+
+
+_KNOWN = frozenset({"blksize", "windowsize", "timeout", "tsize"})
+
+
+class ReadSession:
+    """One RRQ being served.  Create with `ReadSession.start`."""
+
+    def __init__(self, size_bytes: int, read_at: ReadAt, params: Negotiated, limits: SessionLimits) -> None:
+        self.size_bytes = size_bytes
+        self.blksize = params.blksize
+        self.windowsize = params.windowsize
+        self.timeout_s = params.timeout_s
+        self.max_retries = limits.max_retries
+        self.total_blocks = size_bytes // params.blksize + 1  # last block is short (maybe empty)
+        self.finished = False
+        self._read_at = read_at
+        self._oack = serialize(params.oack) if params.oack else None
+        self._acked = 0  # absolute number of the last acknowledged block
+        self._sent = 0  # absolute number of the last block sent
+        self._queue: list[bytes | int] = []  # datagrams, or block numbers read when sent
+        self._deadline: float | None = None
+        self._retries = 0
+        self.retransmissions = 0
+        """Timer-driven resends so far (a health signal: loss or a slow client)."""
+        if self._oack is not None:
+            self._queue.append(self._oack)
+        else:
+            self._queue_window(1)
+
+    @classmethod
+    def start(cls, request: ReadRequest, size_bytes: int, read_at: ReadAt, limits: SessionLimits) -> ReadSession:
+        """Negotiate ``request``'s options.  A refused negotiation gives a
+        finished session whose only datagram is ERROR 8."""
+        try:
+            params = negotiate(request.options, size_bytes, limits)
+        except MalformedMessage as exc:
+            session = cls(size_bytes, read_at, Negotiated(DEFAULT_BLKSIZE, 1, limits.timeout_s, None), limits)
+            session._fail(ErrorCode.OPTION_NEGOTIATION, str(exc))
+            return session
+        return cls(size_bytes, read_at, params, limits)
+
+    # -- input -------------------------------------------------------------
+
+    def receive(self, datagram: bytes, now: float) -> list[TransferEvent]:
+        """Feed one datagram from the client's TID."""
+        if self.finished:
+            return [MessageIgnored("transfer already finished")]
+        block = ack_block(datagram)
+        if block is not None:
+            return self._on_ack(block)
+        try:
+            msg = parse(datagram)
+        except MalformedMessage as exc:
+            return [MessageIgnored(f"malformed: {exc}")]
+        if isinstance(msg, Ack):
+            return self._on_ack(msg.block)
+        if isinstance(msg, Error):
+            self.finished = True
+            return [TransferAborted(int(msg.code), msg.message, sent=False)]
+        return [self._fail(ErrorCode.ILLEGAL_OPERATION, f"unexpected {type(msg).__name__}")]
+
+    def _on_ack(self, wire_block: int) -> list[TransferEvent]:
+        if self._oack is not None and self._sent == 0:
+            if wire_block != 0:
+                return [MessageIgnored(f"ACK {wire_block} while waiting for ACK 0 of the OACK")]
+            self._queue_window(1)
+            return []
+        # Map the 16-bit number into [acked, sent]: a window never spans 65536 blocks.
+        block = self._acked + ((wire_block - self._acked) & MAX_BLOCK)
+        if block > self._sent:
+            return [MessageIgnored(f"ACK {wire_block} for a block never sent")]
+        if block == self._acked:
+            return [MessageIgnored(f"duplicate ACK {wire_block}")]
+        self._acked = block
+        self._retries = 0
+        if block == self.total_blocks:
+            self.finished = True
+            self._deadline = None
+            return [TransferComplete(self.total_blocks, self.size_bytes)]
+        # RFC 7440 §4: an ACK before the window's end means the receiver lost
+        # what followed; the next window starts right after the ACKed block.
+        self._queue_window(block + 1)
+        return []
+
+    def handle_timer(self, now: float) -> list[TransferEvent]:
+        """Call when `next_deadline` has passed: retransmit or give up."""
+        if self.finished or self._deadline is None or now < self._deadline:
+            return []
+        if self._retries >= self.max_retries:
+            self.finished = True
+            self._deadline = None
+            return [TransferTimedOut(self._retries, self._acked)]
+        self._retries += 1
+        self.retransmissions += 1
+        if self._oack is not None and self._sent == 0:
+            self._queue.append(self._oack)
+        else:
+            self._queue.extend(range(self._acked + 1, self._sent + 1))
+        self._deadline = None
+        return []
+
+    # -- output ------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        """Datagrams to send now, in order; arms the retransmission timer.
+        DATA payloads are read here (``read_at`` errors surface here)."""
+        queue, self._queue = self._queue, []
+        if queue and not self.finished:
+            self._deadline = now + self.timeout_s
+        out = []
+        for item in queue:
+            out.append(self._block(item) if item.__class__ is int else item)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` must next be called (None: nothing pending)."""
+        return None if self.finished else self._deadline
+
+    # -- internals ---------------------------------------------------------
+
+    def _queue_window(self, first: int) -> None:
+        last = self._acked + self.windowsize
+        if last > self.total_blocks:
+            last = self.total_blocks
+        self._queue.extend(range(first, last + 1))
+        if last > self._sent:
+            self._sent = last
+
+    def _block(self, n: int) -> bytes:
+        offset = (n - 1) * self.blksize
+        length = self.size_bytes - offset
+        if length > self.blksize:
+            length = self.blksize
+        payload = self._read_at(offset, length) if length > 0 else b""
+        if len(payload) != length and length > 0:
+            raise StoreError(f"short read at offset {offset}: file changed while served")
+        return data_header(n & MAX_BLOCK) + payload
+
+    def _fail(self, code: ErrorCode, message: str) -> TransferAborted:
+        self.finished = True
+        self._deadline = None
+        self._queue = [serialize(Error(code, message))]
+        return TransferAborted(int(code), message, sent=True)

@@ -1,0 +1,133 @@
+"""Export names → block devices, for NBD and HTTP range reads.
+
+A target opens the export it was given at login: a signed token naming its
+session, device, vDisk and this server (see `tokens`). An administrator may
+open a vDisk read-only by name from loopback (configurable). Anything else —
+unknown, forged, expired, or meant for another server — gets nothing, and the
+caller answers "unknown export" without saying why.
+
+The connections of one session share one device (`SharedDevice`), so a
+target's NBD connections and its HTTP sanboot reads see the same write cache.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvsfarm.errors import PvsfarmError
+from pvsfarm.store import BaseImage, PrivateImage, SharedDevice, WriteCache
+from pvsfarm.streaming.journal import Journal
+from pvsfarm.streaming.nbd.backend import BlockDevice, OpenedExport
+from pvsfarm.streaming.tokens import ExportGrant, verify
+from pvsfarm.views import CacheType, CopyState, Inventory, VDiskMode, VDiskView
+
+log = logging.getLogger("pvsfarm.exports")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Exports:
+    inventory: Inventory
+    secret: Callable[[], bytes]
+    node: str
+    cache_dir: Path
+    journal: Journal
+    clock: Callable[[], float]
+    token_ttl_s: float = 86400.0
+    admin_from_loopback_only: bool = True
+    _sessions: dict[str, SharedDevice] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def list_exports(self, peer: tuple[str, int]) -> list[str]:
+        """Only administrators on loopback may list (vDisk names); tokens are never listed."""
+        if self.admin_from_loopback_only and not is_loopback(peer[0]):
+            return []
+        return sorted(self.inventory.snapshot.vdisks) if hasattr(self.inventory, "snapshot") else []
+
+    def open_export(self, name: str, peer: tuple[str, int]) -> OpenedExport | None:
+        try:
+            return self._open(name, peer)
+        except PvsfarmError as exc:
+            log.warning("export open refused for %s: %s", peer[0], exc)
+            return None
+
+    def _open(self, name: str, peer: tuple[str, int]) -> OpenedExport | None:
+        if "." not in name:
+            return self._open_admin(name, peer)
+        grant = verify(name, self.secret(), self.clock(), self.token_ttl_s)
+        if grant.server != self.node:
+            return None
+        vdisk = self.inventory.vdisk(grant.vdisk)
+        path = self._verified_copy(vdisk) if vdisk else None
+        if vdisk is None or path is None:
+            return None
+        handle = self._session_device(grant, vdisk, path).handle()
+        sid = grant.session_id
+
+        def on_io(bytes_read: int, bytes_written: int) -> None:
+            self.journal.record_io(sid, bytes_read, bytes_written, self.clock())
+
+        return OpenedExport(handle, f"{vdisk.name} for {grant.mac}", on_io, lambda: self._forget(sid))
+
+    def _open_admin(self, name: str, peer: tuple[str, int]) -> OpenedExport | None:
+        if self.admin_from_loopback_only and not is_loopback(peer[0]):
+            return None
+        vdisk = self.inventory.vdisk(name)
+        path = self._verified_copy(vdisk) if vdisk else None
+        if path is None:
+            return None
+        log.info("admin read-only open of vDisk %s from %s", name, peer[0])
+        return OpenedExport(BaseImage(path, name=name), f"{name} (read-only inspection)")
+
+    def _verified_copy(self, vdisk: VDiskView) -> Path | None:
+        for copy in self.inventory.copies(vdisk.name):
+            if copy.server == self.node and copy.state is CopyState.VERIFIED and copy.digest == vdisk.digest:
+                return Path(copy.path)
+        return None
+
+    def _session_device(self, grant: ExportGrant, vdisk: VDiskView, path: Path) -> SharedDevice:
+        with self._lock:
+            shared = self._sessions.get(grant.session_id)
+            if shared is None or shared.device is None:
+                shared = SharedDevice(self._make_device(grant, vdisk, path))
+                self._sessions[grant.session_id] = shared
+            return shared
+
+    def _make_device(self, grant: ExportGrant, vdisk: VDiskView, path: Path) -> BlockDevice:
+        if vdisk.mode is VDiskMode.PRIVATE:
+            return PrivateImage(path, name=vdisk.name, owner=f"{grant.mac} via {self.node}")
+        if vdisk.cache_type is CacheType.DEVICE_RAM:
+            return BaseImage(path, name=vdisk.name)
+        return self._write_cache(grant, vdisk, path)
+
+    def _write_cache(self, grant: ExportGrant, vdisk: VDiskView, path: Path) -> WriteCache:
+        prefix = grant.mac.replace(":", "-")
+        cache = self.cache_dir / f"{prefix}--{grant.session_id}.cow"
+        if cache.exists():
+            return WriteCache.open_existing(path, cache, base_id=vdisk.digest)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.cache_dir.glob(f"{prefix}--*.cow"):
+            # A new session is a new boot: the device's older write caches are discarded.
+            old.unlink(missing_ok=True)
+        return WriteCache.create(path, cache, base_id=vdisk.digest)
+
+    def _forget(self, session_id: str) -> None:
+        with self._lock:
+            shared = self._sessions.get(session_id)
+            if shared is not None and shared.device is None:
+                del self._sessions[session_id]
+
+    def open_sessions(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.device is not None)

@@ -1,0 +1,148 @@
+"""Stream-session bookkeeping, batched: never a database write per request.
+
+Login and NBD record events here in memory (a dict update); the node flushes
+them to the database every few seconds in one transaction. While the
+database is unreachable the events simply accumulate and are written back
+when it returns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from pvsfarm.db.models import Device, Server, StreamSession, VDisk
+
+
+@dataclass
+class _Open:
+    session_id: str
+    mac: str
+    vdisk: str
+    server: str
+    at: float
+
+
+@dataclass
+class _Io:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    last_at: float = 0.0
+
+
+@dataclass
+class Journal:
+    """Pending session events; thread-safe (NBD runs on the loop, flush in a thread)."""
+
+    opened: list[_Open] = field(default_factory=list)
+    io: dict[str, _Io] = field(default_factory=dict)
+    moved: dict[str, str] = field(default_factory=dict)
+    ended: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def open(self, session_id: str, mac: str, vdisk: str, server: str, at: float) -> None:
+        with self._lock:
+            self.opened.append(_Open(session_id, mac, vdisk, server, at))
+
+    def record_io(self, session_id: str, bytes_read: int, bytes_written: int, at: float) -> None:
+        with self._lock:
+            entry = self.io.get(session_id)
+            if entry is None:
+                entry = self.io[session_id] = _Io()
+            entry.bytes_read += bytes_read
+            entry.bytes_written += bytes_written
+            entry.last_at = at
+
+    def move(self, session_id: str, server: str) -> None:
+        """A failed-over session now streams from ``server``."""
+        with self._lock:
+            self.moved[session_id] = server
+
+    def end(self, session_id: str, at: float) -> None:
+        with self._lock:
+            self.ended[session_id] = at
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self.opened) + len(self.io) + len(self.moved) + len(self.ended)
+
+    def take(self) -> Journal:
+        """Detach everything pending (put it back with `restore` if the flush fails)."""
+        with self._lock:
+            batch = Journal(self.opened, self.io, self.moved, self.ended)
+            self.opened, self.io, self.moved, self.ended = [], {}, {}, {}
+            return batch
+
+    def restore(self, batch: Journal) -> None:
+        with self._lock:
+            self.opened[:0] = batch.opened
+            for sid, entry in batch.io.items():
+                mine = self.io.setdefault(sid, _Io())
+                mine.bytes_read += entry.bytes_read
+                mine.bytes_written += entry.bytes_written
+                mine.last_at = max(mine.last_at, entry.last_at)
+            self.moved = {**batch.moved, **self.moved}
+            self.ended = {**batch.ended, **self.ended}
+
+
+def _ts(epoch_s: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc)
+
+
+def _ids(session: Session, model: type, column: object, keys: set[str]) -> dict[str, int]:
+    if not keys:
+        return {}
+    rows = session.execute(select(column, model.id).where(column.in_(keys)))  # type: ignore[attr-defined]
+    return {k: i for k, i in rows}
+
+
+def write_batch(session: Session, batch: Journal) -> None:
+    """Apply a detached batch in the caller's transaction, in a few bulk statements."""
+    devices = _ids(session, Device, Device.mac, {o.mac for o in batch.opened})
+    vdisks = _ids(session, VDisk, VDisk.name, {o.vdisk for o in batch.opened})
+    servers = _ids(session, Server, Server.name, {o.server for o in batch.opened} | set(batch.moved.values()))
+    opened = [o for o in batch.opened if o.mac in devices and o.vdisk in vdisks and o.server in servers]
+    ended = dict(batch.ended)
+    last_open: dict[str, _Open] = {}
+    for o in opened:  # a device that logged in twice in one batch: the earlier session ends at the later login
+        if o.mac in last_open:
+            ended[last_open[o.mac].session_id] = o.at
+        last_open[o.mac] = o
+    if opened:
+        first_at = min(o.at for o in opened)
+        session.execute(
+            update(StreamSession)
+            .where(StreamSession.device_id.in_({devices[o.mac] for o in opened}), StreamSession.ended_at.is_(None))
+            .values(ended_at=_ts(first_at))
+        )
+        session.execute(insert(StreamSession), [
+            {"token": o.session_id, "device_id": devices[o.mac], "vdisk_id": vdisks[o.vdisk],
+             "server_id": servers[o.server], "started_at": _ts(o.at), "bytes_read": 0, "bytes_written": 0}
+            for o in opened
+        ])
+    _bulk_update(session, [{"sid": sid, "server_id": servers[s]} for sid, s in batch.moved.items() if s in servers],
+                 server_id=bindparam("server_id"))
+    _bulk_update(session, [
+        {"sid": sid, "r": e.bytes_read, "w": e.bytes_written, "at": _ts(e.last_at)} for sid, e in batch.io.items()
+    ], bytes_read=StreamSession.bytes_read + bindparam("r"), bytes_written=StreamSession.bytes_written + bindparam("w"),
+        last_io_at=bindparam("at"))
+    _bulk_update(session, [{"sid": sid, "at": _ts(at)} for sid, at in ended.items()], ended_at=bindparam("at"))
+
+
+def _bulk_update(session: Session, rows: list[dict[str, object]], **values: object) -> None:
+    if not rows:
+        return
+    stmt = update(StreamSession.__table__).where(StreamSession.__table__.c.token == bindparam("sid")).values(**values)
+    session.connection().execute(stmt, rows)
+
+
+def live_load(session: Session, server_name: str) -> int:
+    """Open stream sessions on a server (its load)."""
+    return session.scalar(
+        select(func.count()).select_from(StreamSession).join(Server, Server.id == StreamSession.server_id)
+        .where(Server.name == server_name, StreamSession.ended_at.is_(None))
+    ) or 0

@@ -1,0 +1,117 @@
+"""The login service: MAC → device → vDisk → assigned server → export token.
+
+Used by the HTTP login API (`/boot`, `/boot.json`) and by anything else that
+logs a target in. Answers from the in-memory inventory only; the session it
+opens is journaled and flushed to the database in batches.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pvsfarm.addr import MacAddress
+from pvsfarm.errors import NoServerAvailable, PvsfarmError
+from pvsfarm.streaming.assign import assign, live_servers
+from pvsfarm.streaming.journal import Journal
+from pvsfarm.streaming.tokens import ExportGrant, sign, verify
+from pvsfarm.views import BootstrapMode, CacheType, DeviceView, Inventory, ServerView, VDiskMode, VDiskView
+
+
+class LoginRefused(PvsfarmError):
+    """The device may not boot (unknown, disabled, no vDisk). ``reason`` is shown to the target."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoginDecision:
+    device: DeviceView
+    vdisk: VDiskView
+    server: ServerView
+    grant: ExportGrant
+    token: str
+    farm: tuple[ServerView, ...]
+    resumed: bool
+    cache_lost: bool
+    """True when a resumed session moved to a server that cannot see its write cache."""
+
+
+@dataclass
+class LoginService:
+    inventory: Inventory
+    secret: Callable[[], bytes]
+    journal: Journal
+    dead_after_s: float
+    token_ttl_s: float = 86400.0
+    shared_store: bool = False
+    current: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """mac → (session id, server) of the device's session opened here."""
+    recent: dict[str, int] = field(default_factory=dict)
+    """Assignments made here since the last inventory refresh (see assign's extra_load)."""
+
+    def refreshed(self) -> None:
+        """Call after the inventory's loads were re-read from the database."""
+        self.recent.clear()
+
+    def _device(self, mac: MacAddress) -> tuple[DeviceView, VDiskView]:
+        device = self.inventory.device_by_mac(mac)
+        if device is None:
+            raise LoginRefused(f"unknown device {mac}")
+        if not device.enabled:
+            raise LoginRefused(f"device {device.name} is disabled")
+        vdisk = self.inventory.vdisk(device.vdisk) if device.vdisk else None
+        if vdisk is None:
+            raise LoginRefused(f"device {device.name} has no vDisk assigned")
+        return device, vdisk
+
+    def login(self, mac: MacAddress, now: float, *, resume: str | None = None,
+              exclude: frozenset[str] = frozenset()) -> LoginDecision:
+        """A new boot (``resume`` None) or a failover of an existing session (``resume`` = its token)."""
+        device, vdisk = self._device(mac)
+        previous = self._resumable(resume, device, vdisk, now)
+        sticky = previous.server if previous else self.current.get(str(mac), ("", None))[1]
+        server = assign(vdisk, self.inventory.servers(), self.inventory.copies(vdisk.name),
+                        self.inventory.bootstrap(), now, self.dead_after_s, current=sticky, exclude=exclude,
+                        extra_load=self.recent)
+        if previous is not None:
+            grant = ExportGrant(previous.session_id, str(mac), vdisk.name, server.name, int(now))
+            if server.name != previous.server:
+                self.journal.move(grant.session_id, server.name)
+        else:
+            grant = ExportGrant(secrets.token_hex(16), str(mac), vdisk.name, server.name, int(now))
+            old = self.current.get(str(mac))
+            if old is not None:
+                self.journal.end(old[0], now)
+            self.journal.open(grant.session_id, str(mac), vdisk.name, server.name, now)
+            self.recent[server.name] = self.recent.get(server.name, 0) + 1
+        self.current[str(mac)] = (grant.session_id, server.name)
+        return LoginDecision(device, vdisk, server, grant, sign(grant, self.secret()), self._farm(now),
+                             resumed=previous is not None, cache_lost=self._cache_lost(previous, server, vdisk))
+
+    def _resumable(self, token: str | None, device: DeviceView, vdisk: VDiskView, now: float) -> ExportGrant | None:
+        if not token:
+            return None
+        try:
+            grant = verify(token, self.secret(), now, self.token_ttl_s)
+        except PvsfarmError:
+            return None
+        if grant.mac != str(device.mac) or grant.vdisk != vdisk.name:
+            return None
+        return grant
+
+    def _cache_lost(self, previous: ExportGrant | None, server: ServerView, vdisk: VDiskView) -> bool:
+        if previous is None or previous.server == server.name:
+            return False
+        keeps_cache_on_server = vdisk.mode is VDiskMode.STANDARD and vdisk.cache_type is CacheType.SERVER
+        return keeps_cache_on_server and not self.shared_store
+
+    def _farm(self, now: float) -> tuple[ServerView, ...]:
+        boot = self.inventory.bootstrap()
+        live = live_servers(self.inventory.servers(), now, self.dead_after_s)
+        if boot.mode is BootstrapMode.LISTED:
+            order = {name: i for i, name in enumerate(boot.servers)}
+            return tuple(sorted((s for s in live if s.name in order), key=lambda s: order[s.name]))
+        return tuple(live)
+
+
+__all__ = ["LoginService", "LoginDecision", "LoginRefused", "NoServerAvailable"]

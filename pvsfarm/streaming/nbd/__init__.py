@@ -1,0 +1,29 @@
+"""NBD block streaming: wire codec, pure session, asyncio server, device interface.
+
+Public entry points: :func:`start_nbd_server`, :class:`NbdConfig`, :func:`install_uvloop`,
+and the backend interface (:class:`BlockDevice`, :class:`Extent`, :class:`OpenedExport`,
+:class:`ExportResolver`) with :class:`FileDevice` and :class:`DictResolver`.
+"""
+
+from pvsfarm.streaming.nbd.backend import (
+    BlockDevice,
+    DictResolver,
+    ExportResolver,
+    Extent,
+    FileDevice,
+    OpenedExport,
+)
+from pvsfarm.streaming.nbd.server import NbdConfig, NbdServerProtocol, install_uvloop, start_nbd_server
+
+__all__ = [
+    "BlockDevice",
+    "DictResolver",
+    "ExportResolver",
+    "Extent",
+    "FileDevice",
+    "NbdConfig",
+    "NbdServerProtocol",
+    "OpenedExport",
+    "install_uvloop",
+    "start_nbd_server",
+]

@@ -1,0 +1,162 @@
+"""How replies reach the socket: batched ``writelines`` and opportunistic ``os.sendfile``.
+
+Measured on this VM (shared/bench/RESULTS.md section 1): answering every request of a
+received chunk and flushing with one ``transport.writelines`` capped at ~256 KiB, with
+back-pressure, is the fastest asyncio technique for 4 KiB reads; ``loop.sendfile`` per
+request is 4-7x slower and is not used; raw ``os.sendfile`` helps large sequential reads.
+Raw writes bypass the transport, so they are only safe while the transport holds no
+buffered data: then the kernel socket buffer already has everything sent before, and
+order is kept.  If the socket fills mid-reply, the rest of that reply goes through the
+transport (``os.pread``), which buffers it after the bytes already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Sequence
+
+from pvsfarm.streaming.nbd.backend import Extent
+from pvsfarm.streaming.nbd.wire import encode_simple_reply
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+class ReplyAborted(Exception):
+    """A reply failed after its header was sent: the connection must be closed hard
+    (spec "NBD_CMD_READ": an error after a zero error field -> hard disconnect)."""
+
+
+def zeros(length: int) -> bytes | memoryview:
+    """``length`` zero bytes, shared for up to 1 MiB."""
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+
+
+def read_extent(extent: Extent, skip: int = 0) -> bytes | memoryview:
+    """The bytes of ``extent`` after its first ``skip`` bytes; OSError if short."""
+    length = extent.length - skip
+    if extent.fd < 0:
+        return zeros(length)
+    data = os.pread(extent.fd, length, extent.file_offset + skip)
+    if len(data) != length:
+        raise OSError(5, f"short read: {len(data)} of {length} bytes")
+    return data
+
+
+class ReplyWriter:
+    """Collects reply parts and writes them to ``transport`` in batches."""
+
+    def __init__(self, transport: asyncio.Transport, flush_bytes: int, sendfile_min_bytes: int) -> None:
+        self._transport = transport
+        self._flush_bytes = flush_bytes
+        self._sendfile_min = sendfile_min_bytes
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0
+        self._sock_fd = -1
+        self._sock: socket.socket | None = None
+        if sendfile_min_bytes > 0:
+            sock = transport.get_extra_info("socket")
+            self._sock_fd = sock.fileno() if sock is not None else -1
+            if self._sock_fd >= 0:
+                # uvloop's pseudo-socket refuses send(); a dup lets us pass MSG_MORE so the
+                # 16-byte header leaves in the same segment as the sendfile data
+                self._sock = socket.socket(fileno=os.dup(self._sock_fd))
+        # reads at least this long try the raw path; "never" when sendfile is off
+        self._sendfile_direct_min = sendfile_min_bytes if self._sock_fd >= 0 else 1 << 63
+
+    def add(self, data: bytes | memoryview) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= self._flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            parts, self._parts, self._size = self._parts, [], 0
+            self._transport.writelines(parts)
+
+    def read_reply(self, handle: int, extents: Sequence[Extent]) -> None:
+        """Queue a successful READ reply.  OSError before anything is queued (the
+        caller answers EIO); ReplyAborted once part of it is on the wire."""
+        if len(extents) == 1:
+            ext = extents[0]
+            total = ext.length
+            if total < self._sendfile_direct_min:
+                data = os.pread(ext.fd, total, ext.file_offset) if ext.fd >= 0 else zeros(total)
+                if len(data) != total:
+                    raise OSError(5, f"short read: {len(data)} of {total} bytes")
+                self._parts += (encode_simple_reply(0, handle), data)
+                self._size += total + 16
+                if self._size >= self._flush_bytes:
+                    self.flush()
+                return
+        else:
+            total = sum(e.length for e in extents)
+        if total >= self._sendfile_direct_min:
+            self.flush()
+            if self._transport.get_write_buffer_size() == 0:
+                self._send_direct(encode_simple_reply(0, handle), extents)
+                return
+        parts = [read_extent(e) for e in extents]
+        self.add(encode_simple_reply(0, handle))
+        for part in parts:
+            self.add(part)
+
+    def _send_direct(self, header: bytes, extents: Sequence[Extent]) -> None:
+        try:
+            sent = self._send_header(header)
+            if sent < len(header):
+                self._via_transport(header[sent:], extents, 0, 0)
+                return
+            for i, extent in enumerate(extents):
+                done = self._sendfile_some(extent)
+                if done < extent.length:
+                    self._via_transport(b"", extents, i, done)
+                    return
+        except OSError as exc:
+            raise ReplyAborted(f"read reply failed mid-send: {exc}") from exc
+
+    def _send_header(self, header: bytes) -> int:
+        assert self._sock is not None
+        try:
+            return self._sock.send(header, socket.MSG_MORE)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _sendfile_some(self, extent: Extent) -> int:
+        """Bytes of ``extent`` sent before the socket buffer filled up."""
+        done = 0
+        while done < extent.length:
+            left = extent.length - done
+            if extent.fd < 0:
+                n = _write_some(self._sock_fd, zeros(min(left, len(_ZEROS))))
+            else:
+                try:
+                    n = os.sendfile(self._sock_fd, extent.fd, extent.file_offset + done, left)
+                except BlockingIOError:
+                    return done
+                if n == 0:
+                    raise OSError(5, "backing file shorter than the extent")
+            if n == 0:
+                return done
+            done += n
+        return done
+
+    def _via_transport(self, head: bytes, extents: Sequence[Extent], index: int, skip: int) -> None:
+        parts: list[bytes | memoryview] = [head] if head else []
+        parts.append(read_extent(extents[index], skip))
+        parts.extend(read_extent(e) for e in extents[index + 1 :])
+        self._transport.writelines(parts)
+
+
+def _write_some(fd: int, data: bytes | memoryview) -> int:
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0

@@ -1,0 +1,290 @@
+"""The asyncio server against real clients (curl, atftp) and a raw UDP peer, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pvsfarm.bootstrap.tftp.server import TftpServer, TftpSettings, start_tftp_server
+from pvsfarm.bootstrap.tftp.wire import (
+    Ack,
+    Data,
+    Error,
+    ErrorCode,
+    Message,
+    OptionAck,
+    ReadRequest,
+    WriteRequest,
+    parse,
+    serialize,
+)
+
+BOOT_IPXE = b"#!ipxe\necho pvsfarm bootstrap\nchain http://10.0.0.1/login?mac=${net0/mac}\n"
+Address = tuple[str, int]
+
+
+def dynamic(name: str, client: Address) -> bytes | None:
+    if name == "boot.ipxe":
+        return BOOT_IPXE
+    if name == "explode":
+        raise RuntimeError("hook failure")
+    return None
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "f1m.bin").write_bytes(os.urandom(1 << 20))
+    (tmp_path / "small.txt").write_bytes(b"hello tftp\n")
+    (tmp_path / "escape").symlink_to("/etc/passwd")
+    return tmp_path
+
+
+async def make_server(root: Path, **kw: object) -> TftpServer:
+    settings = TftpSettings(root=root, host="127.0.0.1", port=0, **kw)  # type: ignore[arg-type]
+    return await start_tftp_server(settings, dynamic=dynamic)
+
+
+@pytest.fixture
+async def server(root: Path) -> AsyncIterator[TftpServer]:
+    srv = await make_server(root, timeout_s=0.2, max_retries=3)
+    yield srv
+    srv.close()
+
+
+class Peer(asyncio.DatagramProtocol):
+    """A raw TFTP client socket."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.queue.put_nowait((data, addr))
+
+    def send(self, msg: Message | bytes, port: int) -> None:
+        self.transport.sendto(msg if isinstance(msg, bytes) else serialize(msg), ("127.0.0.1", port))
+
+    async def recv(self, timeout: float = 2.0) -> tuple[Message, int]:
+        data, addr = await asyncio.wait_for(self.queue.get(), timeout)
+        return parse(data), addr[1]
+
+    async def silent(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.queue.get(), seconds)
+        except TimeoutError:
+            return True
+        return False
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Peer]:
+    _, proto = await asyncio.get_running_loop().create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    yield proto
+    proto.transport.close()
+
+
+async def run(*cmd: str, cwd: Path | None = None) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=cwd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+needs_atftp = pytest.mark.skipif(shutil.which("atftp") is None, reason="atftp not installed (tools/apt-packages.txt)")
+FILES = [("f1m.bin", None), ("small.txt", None), ("boot.ipxe", BOOT_IPXE)]
+
+
+@needs_curl
+@pytest.mark.parametrize(("name", "content"), FILES)
+async def test_curl_fetches_identical(
+    server: TftpServer, root: Path, tmp_path: Path, name: str, content: bytes | None
+) -> None:
+    out = tmp_path / "out"
+    url = f"tftp://127.0.0.1:{server.port}/{name}"
+    assert await run("curl", "-s", "--tftp-blksize", "1468", "-o", str(out), url) == 0
+    assert out.read_bytes() == (content if content is not None else (root / name).read_bytes())
+    assert await run("curl", "-s", "-o", str(out), url) == 0  # no options: plain RFC 1350
+    assert out.read_bytes() == (content if content is not None else (root / name).read_bytes())
+
+
+@needs_atftp
+@pytest.mark.parametrize(("name", "content"), FILES)
+async def test_atftp_windowsize_fetches_identical(
+    server: TftpServer, root: Path, tmp_path: Path, name: str, content: bytes | None
+) -> None:
+    out = tmp_path / "out"
+    opts = ["--option", "blksize 1468", "--option", "windowsize 8"]
+    rc = await run("atftp", *opts, "-g", "-r", name, "-l", str(out), "127.0.0.1", str(server.port))
+    assert rc == 0
+    assert out.read_bytes() == (content if content is not None else (root / name).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("request_", "codes"),
+    [
+        (ReadRequest("../../etc/passwd"), {ErrorCode.ACCESS_VIOLATION}),
+        (ReadRequest("/etc/passwd"), {ErrorCode.FILE_NOT_FOUND, ErrorCode.ACCESS_VIOLATION}),
+        (ReadRequest("escape"), {ErrorCode.ACCESS_VIOLATION}),
+        (ReadRequest("missing"), {ErrorCode.FILE_NOT_FOUND}),
+        (ReadRequest("explode"), {ErrorCode.NOT_DEFINED}),
+        (WriteRequest("small.txt"), {ErrorCode.ACCESS_VIOLATION}),
+    ],
+)
+async def test_refused_requests(server: TftpServer, peer: Peer, request_: Message, codes: set[int]) -> None:
+    peer.send(request_, server.port)
+    msg, _ = await peer.recv()
+    assert isinstance(msg, Error) and msg.code in codes
+    assert await peer.silent(0.1)
+    assert server.active_transfers == 0
+
+
+async def test_blksize_out_of_range(server: TftpServer, peer: Peer) -> None:
+    peer.send(ReadRequest("f1m.bin", options=(("blksize", "7"),)), server.port)
+    msg, _ = await peer.recv()
+    assert isinstance(msg, Data) and msg.block == 1 and len(msg.payload) == 512  # option declined
+    peer.send(Error(0, "bye"), _port_of(server, peer))
+    peer.send(ReadRequest("f1m.bin", options=(("blksize", "70000"),)), server.port)
+    msg, port = await _first_non_data(peer)
+    assert msg == OptionAck((("blksize", "65464"),))
+    peer.send(Ack(0), port)
+    msg, _ = await peer.recv()
+    assert isinstance(msg, Data) and len(msg.payload) == 65464
+
+
+async def _first_non_data(peer: Peer) -> tuple[Message, int]:
+    while True:
+        msg, port = await peer.recv()
+        if not isinstance(msg, Data):
+            return msg, port
+
+
+def _port_of(server: TftpServer, peer: Peer) -> int:
+    transfer = server._transfers[peer.transport.get_extra_info("sockname")]
+    return int(transfer.sock.getsockname()[1])
+
+
+async def test_ack_never_sent_ignored_then_transfer_goes_on(server: TftpServer, peer: Peer) -> None:
+    peer.send(ReadRequest("f1m.bin"), server.port)
+    msg, port = await peer.recv()
+    assert msg == Data(1, msg.payload) and port != server.port  # own TID per transfer
+    peer.send(Ack(7), port)
+    msg, _ = await peer.recv()  # nothing but the retransmission of block 1 after timeout_s
+    assert isinstance(msg, Data) and msg.block == 1
+    peer.send(Ack(1), port)
+    msg, _ = await peer.recv()
+    assert isinstance(msg, Data) and msg.block == 2
+
+
+async def test_silent_client_is_given_up_and_slot_freed(server: TftpServer, peer: Peer) -> None:
+    peer.send(ReadRequest("f1m.bin", options=(("blksize", "1468"),)), server.port)
+    msg, port = await peer.recv()
+    assert isinstance(msg, OptionAck)
+    peer.send(Ack(0), port)
+    peer.send(ReadRequest("f1m.bin"), server.port)  # a retransmitted RRQ starts nothing new
+    sent = []
+    for _ in range(4):  # block 1 then 3 retransmissions
+        msg, _ = await peer.recv()
+        sent.append(msg.block)  # type: ignore[union-attr]
+    assert sent == [1, 1, 1, 1]
+    assert await peer.silent(0.5)
+    assert server.active_transfers == 0
+
+
+async def test_busy_beyond_max_transfers(root: Path, peer: Peer) -> None:
+    srv = await make_server(root, max_transfers=1, timeout_s=0.2, max_retries=1)
+    try:
+        peer.send(ReadRequest("f1m.bin"), srv.port)
+        await peer.recv()
+        _, other = await asyncio.get_running_loop().create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+        other.send(ReadRequest("small.txt"), srv.port)
+        msg, _ = await other.recv()
+        assert isinstance(msg, Error) and "busy" in msg.message
+        other.transport.close()
+    finally:
+        srv.close()
+
+
+@needs_curl
+async def test_garbage_then_still_serves(server: TftpServer, peer: Peer, root: Path, tmp_path: Path) -> None:
+    junks = (b"", b"\x00", b"\xff" * 100, b"\x00\x01nonul", b"\x00\x03\x00\x01data", b"\x00\x04\x00\x01")
+    junks += (os.urandom(600),)
+    for junk in junks:
+        peer.send(junk, server.port)
+    peer.send(ReadRequest("small.txt"), server.port)
+    msg, port = await peer.recv()
+    for junk in (b"\xff", b"\x00\x06x\x00", os.urandom(50)):
+        peer.send(junk, port)  # garbage into the transfer's TID
+    peer.send(Ack(1), port)
+    assert await peer.silent(0.3)
+    out = tmp_path / "out"
+    url = f"tftp://127.0.0.1:{server.port}/f1m.bin"
+    assert await run("curl", "-s", "--tftp-blksize", "1468", "-o", str(out), url) == 0
+    assert out.read_bytes() == (root / "f1m.bin").read_bytes()
+    assert server.active_transfers == 0
+
+
+@needs_curl
+async def test_concurrent_clients(server: TftpServer, root: Path, tmp_path: Path) -> None:
+    url = f"tftp://127.0.0.1:{server.port}/f1m.bin"
+    fetches = (run("curl", "-s", "-o", str(tmp_path / f"o{i}"), "--tftp-blksize", "1468", url) for i in range(20))
+    rcs = await asyncio.gather(*fetches)
+    assert rcs == [0] * 20
+    expected = (root / "f1m.bin").read_bytes()
+    assert all((tmp_path / f"o{i}").read_bytes() == expected for i in range(20))
+
+
+async def test_reuse_port_lets_two_servers_share_a_port(root: Path, peer: Peer) -> None:
+    first = await make_server(root, reuse_port=True)
+    second = await start_tftp_server(TftpSettings(root=root, host="127.0.0.1", port=first.port, reuse_port=True))
+    try:
+        assert second.port == first.port
+        peer.send(ReadRequest("small.txt"), first.port)
+        msg, port = await peer.recv()
+        assert msg == Data(1, b"hello tftp\n")
+        peer.send(Ack(1), port)
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_reply_leaves_from_the_address_the_client_used(root: Path, peer: Peer) -> None:
+    """Listening on the wildcard, a request to 127.0.0.2 is answered from 127.0.0.2
+    (IP_PKTINFO), as clients sending to a VIP or a secondary address expect."""
+    srv = await start_tftp_server(TftpSettings(root=root, host="0.0.0.0", port=0))
+    try:
+        peer.transport.sendto(serialize(ReadRequest("small.txt")), ("127.0.0.2", srv.port))
+        data, addr = await asyncio.wait_for(peer.queue.get(), 2)
+        assert parse(data) == Data(1, b"hello tftp\n") and addr[0] == "127.0.0.2"
+        peer.transport.sendto(serialize(Ack(1)), addr)
+    finally:
+        srv.close()
+
+
+async def test_fuzzed_requests_never_raise(server: TftpServer) -> None:
+    """Random datagrams and requests with random names, straight into the request
+    handler: nothing escapes, and every started transfer is accounted for."""
+    import random
+
+    rng = random.Random(1350)
+    names = ["", "/", "..", "a/../../b", "\\..\\x", "small.txt", "boot.ipxe", "dir/" * 300, "\u00e9\u4e2d", "f1m.bin"]
+    for i in range(400):
+        peer: Address = ("127.0.0.1", 40000 + i)
+        if i % 2:
+            data = rng.randbytes(rng.randrange(0, 64))
+        else:
+            keys, values = ["blksize", "tsize", "timeout", "windowsize", "x"], ["0", "7", "512", "99999", "abc", ""]
+            opts = tuple((rng.choice(keys), rng.choice(values)) for _ in range(rng.randrange(3)))
+            data = serialize(ReadRequest(rng.choice(names), options=opts))
+        server.on_request(data, peer)
+    assert server.active_transfers <= 400
+    server.close()
+    assert server.active_transfers == 0

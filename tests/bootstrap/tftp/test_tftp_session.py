@@ -1,0 +1,244 @@
+"""ReadSession driven by bytes and a number for the clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pvsfarm.bootstrap.tftp.session import (
+    MessageIgnored,
+    ReadSession,
+    SessionLimits,
+    TransferAborted,
+    TransferComplete,
+    TransferTimedOut,
+    negotiate,
+)
+from pvsfarm.bootstrap.tftp.wire import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, parse, serialize
+from pvsfarm.errors import StoreError
+
+LIMITS = SessionLimits(timeout_s=1.0, max_retries=5)
+
+
+def start(content: bytes, *opts: tuple[str, str], limits: SessionLimits = LIMITS) -> ReadSession:
+    req = ReadRequest("f", options=tuple(opts))
+    return ReadSession.start(req, len(content), lambda off, n: content[off : off + n], limits)
+
+
+def out(s: ReadSession, now: float = 0.0) -> list:
+    return [parse(d) for d in s.datagrams_to_send(now)]
+
+
+def ack(n: int) -> bytes:
+    return serialize(Ack(n))
+
+
+def test_lock_step_without_options() -> None:
+    content = os.urandom(1300)
+    s = start(content)
+    assert out(s) == [Data(1, content[:512])]
+    assert s.receive(ack(1), 0.1) == []
+    assert out(s, 0.1) == [Data(2, content[512:1024])]
+    s.receive(ack(2), 0.2)
+    assert out(s, 0.2) == [Data(3, content[1024:])]
+    assert s.receive(ack(3), 0.3) == [TransferComplete(3, 1300)]
+    assert s.finished and s.next_deadline() is None and out(s) == []
+
+
+def test_exact_multiple_ends_with_empty_block() -> None:
+    s = start(b"x" * 1024)
+    for n in (1, 2):
+        assert len(out(s)[0].payload) == 512
+        s.receive(ack(n), 0)
+    assert out(s) == [Data(3, b"")]
+    assert s.receive(ack(3), 0) == [TransferComplete(3, 1024)]
+
+
+def test_empty_file() -> None:
+    s = start(b"", ("tsize", "0"))
+    assert out(s) == [OptionAck((("tsize", "0"),))]
+    s.receive(ack(0), 0)
+    assert out(s) == [Data(1, b"")]
+    assert s.receive(ack(1), 0) == [TransferComplete(1, 0)]
+
+
+def test_oack_then_data() -> None:
+    content = os.urandom(3000)
+    s = start(content, ("blksize", "1468"), ("tsize", "0"), ("foo", "bar"))
+    assert out(s) == [OptionAck((("blksize", "1468"), ("tsize", "3000")))]
+    assert s.receive(ack(1), 0) == [MessageIgnored("ACK 1 while waiting for ACK 0 of the OACK")]
+    assert out(s) == []
+    s.receive(ack(0), 0)
+    assert out(s) == [Data(1, content[:1468])]
+
+
+def test_blksize_bounds() -> None:
+    assert negotiate((("blksize", "7"),), 10, LIMITS).oack is None  # declined: RFC 2348 minimum is 8
+    assert negotiate((("blksize", "7"),), 10, LIMITS).blksize == 512
+    big = negotiate((("blksize", "70000"),), 10, LIMITS)
+    assert big.blksize == 65464 and big.oack == OptionAck((("blksize", "65464"),))
+    capped = negotiate((("blksize", "9000"),), 10, SessionLimits(max_blksize=1468))
+    assert capped.blksize == 1468
+    assert negotiate((("blksize", "8"),), 10, LIMITS).blksize == 8
+
+
+def test_timeout_and_windowsize_bounds() -> None:
+    n = negotiate((("timeout", "0"), ("windowsize", "0")), 1, LIMITS)
+    assert n.oack is None and n.timeout_s == 1.0 and n.windowsize == 1
+    n = negotiate((("timeout", "256"), ("windowsize", "65536")), 1, LIMITS)
+    assert n.oack is None
+    n = negotiate((("timeout", "3"), ("windowsize", "8")), 1, LIMITS)
+    assert n.timeout_s == 3.0 and n.windowsize == 8
+    assert n.oack == OptionAck((("timeout", "3"), ("windowsize", "8")))
+    assert negotiate((("windowsize", "65535"),), 1, LIMITS).windowsize == LIMITS.max_windowsize
+    # duplicates: first one wins
+    assert negotiate((("blksize", "1024"), ("blksize", "2048")), 1, LIMITS).blksize == 1024
+
+
+def test_malformed_option_value_is_error_8() -> None:
+    for bad in ("abc", "", "-1", "1e3", "١٢"):
+        s = start(b"data", ("blksize", bad))
+        assert s.finished
+        [err] = out(s)
+        assert isinstance(err, Error) and err.code == ErrorCode.OPTION_NEGOTIATION
+
+
+def test_retransmit_after_timeout_then_give_up() -> None:
+    s = start(b"a" * 100, limits=SessionLimits(timeout_s=2.0, max_retries=3))
+    first = out(s, 10.0)
+    assert s.next_deadline() == 12.0
+    assert s.handle_timer(11.9) == [] and out(s, 11.9) == []
+    for k in range(3):
+        now = s.next_deadline()
+        assert s.handle_timer(now) == []
+        assert out(s, now) == first  # same block again
+        assert s.next_deadline() == now + 2.0
+    assert s.handle_timer(s.next_deadline()) == [TransferTimedOut(3, 0)]
+    assert s.finished and s.next_deadline() is None and out(s) == []
+
+
+def test_negotiated_timeout_used() -> None:
+    s = start(b"a", ("timeout", "5"))
+    out(s, 100.0)
+    assert s.next_deadline() == 105.0
+
+
+def test_progress_resets_retries() -> None:
+    s = start(b"a" * 2000, limits=SessionLimits(timeout_s=1.0, max_retries=1))
+    out(s, 0)
+    s.handle_timer(1.0)
+    out(s, 1.0)
+    s.receive(ack(1), 1.5)
+    out(s, 1.5)
+    s.handle_timer(2.5)
+    assert out(s, 2.5) == [Data(2, b"a" * 512)]
+    assert not s.finished
+
+
+def test_ack_for_block_never_sent_is_ignored() -> None:
+    s = start(b"a" * 5000)
+    out(s)
+    events = s.receive(ack(7), 0)
+    assert isinstance(events[0], MessageIgnored) and out(s) == []
+    s.receive(ack(1), 0)
+    assert [m.block for m in out(s)] == [2]
+
+
+def test_duplicate_acks_send_nothing() -> None:
+    s = start(b"a" * 5000)
+    out(s)
+    s.receive(ack(1), 0)
+    assert [m.block for m in out(s)] == [2]
+    for _ in range(5):  # sorcerer's apprentice: the late duplicate must not trigger DATA 2 again
+        assert isinstance(s.receive(ack(1), 0)[0], MessageIgnored)
+        assert out(s) == []
+
+
+def test_windowsize_8_flow() -> None:
+    content = os.urandom(512 * 20 + 7)
+    s = start(content, ("windowsize", "8"))
+    assert out(s) == [OptionAck((("windowsize", "8"),))]
+    s.receive(ack(0), 0)
+    assert [m.block for m in out(s)] == list(range(1, 9))
+    s.receive(ack(8), 0)
+    assert [m.block for m in out(s)] == list(range(9, 17))
+    s.receive(ack(12), 0)  # 13 was lost: the next window starts after 12 (RFC 7440)
+    assert [m.block for m in out(s)] == list(range(13, 21))
+    s.handle_timer(s.next_deadline())  # timeout: the whole outstanding window again
+    assert [m.block for m in out(s, 5)] == list(range(13, 21))
+    s.receive(ack(20), 5)
+    assert out(s, 5) == [Data(21, content[512 * 20 :])]
+    assert s.receive(ack(21), 5) == [TransferComplete(21, len(content))]
+
+
+def test_rollover_past_65535_blocks() -> None:
+    blocks = 65536 + 100
+    content = bytes(range(256)) * (blocks * 8 // 256) + b"tail"
+    s = start(content, ("blksize", "8"), ("windowsize", "64"))
+    out(s)
+    s.receive(ack(0), 0)
+    got, wire_numbers, expect = bytearray(), [], 1
+    while not s.finished:
+        for m in out(s):
+            assert m.block == expect & 0xFFFF
+            wire_numbers.append(m.block)
+            got += m.payload
+            expect += 1
+        s.receive(ack((expect - 1) & 0xFFFF), 0)
+    assert bytes(got) == content
+    assert wire_numbers[65534:65537] == [65535, 0, 1]
+
+
+def test_client_error_aborts_and_unexpected_opcode_is_error_4() -> None:
+    s = start(b"abc", ("blksize", "1024"))
+    out(s)
+    assert s.receive(serialize(Error(ErrorCode.OPTION_NEGOTIATION, "no")), 0) == [TransferAborted(8, "no", sent=False)]
+    assert s.finished and out(s) == []
+    s = start(b"abc")
+    out(s)
+    [event] = s.receive(serialize(Data(1, b"x")), 0)
+    assert isinstance(event, TransferAborted) and event.code == ErrorCode.ILLEGAL_OPERATION
+    assert out(s)[0].code == ErrorCode.ILLEGAL_OPERATION
+
+
+def test_garbage_is_ignored() -> None:
+    s = start(b"abc")
+    out(s)
+    for junk in (b"", b"\x00", b"\x00\x04", b"\xff" * 40):
+        assert isinstance(s.receive(junk, 0)[0], MessageIgnored)
+    assert not s.finished and out(s) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 6000), window=st.integers(1, 9), loss=st.floats(0, 0.4), seed=st.integers(0, 2**32))
+def test_lossy_channel_always_delivers(size: int, window: int, loss: float, seed: int) -> None:
+    """A receiver (RFC 7440: ACK the last in-order block) over a channel that
+    loses datagrams both ways always ends with the exact file."""
+    rng = random.Random(seed)
+    content = rng.randbytes(size)
+    s = start(content, ("blksize", "100"), ("windowsize", str(window)), limits=SessionLimits(max_retries=10_000))
+    now, got, expect = 0.0, bytearray(), 1
+    while not s.finished:
+        batch = out(s, now)
+        if not batch:
+            now = s.next_deadline()
+            s.handle_timer(now)
+            continue
+        arrived = [m for m in batch if rng.random() >= loss]
+        for m in arrived:
+            if isinstance(m, Data) and m.block == expect & 0xFFFF:
+                got += m.payload
+                expect += 1
+        if arrived and rng.random() >= loss:
+            s.receive(ack((expect - 1) & 0xFFFF), now)
+    assert bytes(got) == content
+
+
+def test_file_shrinking_under_us_raises_at_send() -> None:
+    s = ReadSession.start(ReadRequest("f"), 2000, lambda off, n: b"x" * min(n, 100), LIMITS)
+    with pytest.raises(StoreError):  # a short read must not go out as a short (final) block
+        s.datagrams_to_send(0)

@@ -1,0 +1,107 @@
+"""ReplyWriter: raw sendfile that runs out of socket buffer hands the rest, in order,
+to the transport; batching flushes at the cap; read errors surface before any byte."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from pvsfarm.streaming.nbd.backend import Extent
+from pvsfarm.streaming.nbd.replies import ReplyAborted, ReplyWriter
+from pvsfarm.streaming.nbd.wire import encode_simple_reply
+
+
+class FakeTransport:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock, self.written, self.calls = sock, bytearray(), 0
+
+    def get_extra_info(self, name: str):
+        return self.sock if name == "socket" else None
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.written)  # anything handed over counts as "still buffered"
+
+    def writelines(self, parts) -> None:
+        self.calls += 1
+        for part in parts:
+            self.written += part
+
+
+def drain(sock: socket.socket) -> bytes:
+    out = bytearray()
+    sock.setblocking(False)
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[int, bytes]:
+    data = os.urandom(4 * 2**20)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data
+    os.close(fd)
+
+
+def test_partial_sendfile_continues_through_the_transport_in_order(image) -> None:
+    fd, data = image
+    server, client = socket.socketpair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    server.setblocking(False)
+    transport = FakeTransport(server)
+    writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024)
+    extents = [Extent(fd, 0, 2**20), Extent(-1, 0, 4096), Extent(fd, 3 * 2**20, 2**20)]
+    writer.read_reply(99, extents)
+    on_socket = drain(client)
+    assert 0 < len(on_socket) < 16 + 2**20 + 4096 + 2**20  # the socket filled up mid-reply
+    assert transport.written  # ... and the transport got the rest
+    expected = encode_simple_reply(0, 99) + data[: 2**20] + bytes(4096) + data[3 * 2**20 :]
+    assert on_socket + bytes(transport.written) == expected
+    writer.close()
+    server.close()
+    client.close()
+
+
+def test_small_reads_are_batched_up_to_the_cap(image) -> None:
+    fd, data = image
+    transport = FakeTransport(None)
+    writer = ReplyWriter(transport, flush_bytes=64 * 1024, sendfile_min_bytes=0)
+    for handle in range(20):  # 20 x (16 + 4096) bytes: one flush at the cap, the rest at flush()
+        writer.read_reply(handle, [Extent(fd, handle * 4096, 4096)])
+    assert transport.calls == 1
+    writer.flush()
+    assert transport.calls == 2
+    expected = b"".join(encode_simple_reply(0, h) + data[h * 4096 : (h + 1) * 4096] for h in range(20))
+    assert bytes(transport.written) == expected
+
+
+def test_read_error_raises_before_anything_is_queued(image, tmp_path: Path) -> None:
+    fd, _ = image
+    transport = FakeTransport(None)
+    writer = ReplyWriter(transport, flush_bytes=1 << 20, sendfile_min_bytes=0)
+    with pytest.raises(OSError):
+        writer.read_reply(1, [Extent(fd, 4 * 2**20 - 10, 4096)])  # short read past EOF
+    writer.flush()
+    assert transport.written == b""
+
+
+def test_eof_during_sendfile_after_the_header_aborts(image) -> None:
+    fd, _ = image
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    writer = ReplyWriter(FakeTransport(server), flush_bytes=1 << 20, sendfile_min_bytes=4096)
+    with pytest.raises(ReplyAborted):
+        writer.read_reply(1, [Extent(fd, 4 * 2**20 - 4096, 8192)])  # file ends mid-extent
+    writer.close()
+    server.close()
+    client.close()
