@@ -188,6 +188,36 @@ def vdisk_copy(ctx: click.Context, name: str, image: str, server_name: str | Non
     emit_json(out) if as_json else click.echo(f"recorded verified copy of {name} on {where}: {image}")
 
 
+@vdisk.command("update")
+@click.argument("name")
+@click.option("--file", "image", required=True, help="New raw image; becomes this node's copy and the digest.")
+@json_option
+@click.pass_context
+def vdisk_update(ctx: click.Context, name: str, image: str, as_json: bool) -> None:
+    """Replace a vDisk's content on this node; other nodes' copies turn stale and re-sync."""
+    app, cfg = app_of(ctx), app_of(ctx).config
+    vdisks.check_image(Path(image))
+
+    def work(s):  # type: ignore[no-untyped-def]
+        server = farm.ensure_server(s, cfg.name, cfg.address, http_port=cfg.http.listen_port,
+                                    nbd_port=cfg.nbd.listen_port, tftp_port=cfg.tftp.listen_port)
+        return vdisks.update_vdisk(s, app.actor, server, name, Path(image), cfg.store_path,
+                                   progress_for=lambda phase: progress_printer(f"vdisk {name}: {phase}"))
+
+    out = run(ctx, work)
+    emit_json(out) if as_json else click.echo(f"updated vDisk {out['name']} ({out['size_bytes']} bytes, {out['digest']})")
+
+
+@vdisk.command("status")
+@click.argument("name", required=False)
+@json_option
+@click.pass_context
+def vdisk_status(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Copy state of each vDisk on each server: verified / copying n% / stale / missing."""
+    rows = run(ctx, lambda s: vdisks.vdisk_status(s, name))
+    emit_json(rows) if as_json else emit_table(rows, ("vdisk", "server", "status", "path"), "no vDisks")
+
+
 @vdisk.command("list")
 @json_option
 @click.pass_context
@@ -244,6 +274,24 @@ def server_add(ctx: click.Context, name: str, address: str, http_port: int, nbd_
     ports = {"http_port": http_port, "nbd_port": nbd_port, "tftp_port": tftp_port}
     run(ctx, lambda s: farm.add_server(s, app_of(ctx).actor, name, address, ports))
     click.echo(f"added server {name}")
+
+
+@server.command("drain")
+@click.argument("name")
+@click.pass_context
+def server_drain(ctx: click.Context, name: str) -> None:
+    """Stop new assignments to a server (maintenance)."""
+    run(ctx, lambda s: farm.set_drain(s, app_of(ctx).actor, name, True))
+    click.echo(f"server {name} draining: no new targets are assigned to it")
+
+
+@server.command("undrain")
+@click.argument("name")
+@click.pass_context
+def server_undrain(ctx: click.Context, name: str) -> None:
+    """Let a drained server take new targets again."""
+    run(ctx, lambda s: farm.set_drain(s, app_of(ctx).actor, name, False))
+    click.echo(f"server {name} back in service")
 
 
 @click.group()

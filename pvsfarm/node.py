@@ -27,11 +27,14 @@ from pvsfarm.app import App
 from pvsfarm.config import NodeConfig
 from pvsfarm.db.engine import session_scope
 from pvsfarm.db.models import Server, utcnow
+from pvsfarm.db.notify import Listener
 from pvsfarm.db.snapshot import MemoryInventory, load_snapshot
+from pvsfarm.node_offline import OfflineMixin
 from pvsfarm.errors import DatabaseUnavailable, PvsfarmError
 from pvsfarm.streaming.exports import Exports
 from pvsfarm.streaming.http_api import HttpApi
 from pvsfarm.streaming.journal import Journal, live_load, write_batch
+from pvsfarm.store.replicate import add_peer_routes, replicator_for
 from pvsfarm.streaming.login import LoginService
 from pvsfarm.views import ServerState
 
@@ -42,13 +45,14 @@ BOOTSTRAP_NAMES = ("boot.ipxe", "bootstrap.ipxe")
 
 
 @dataclass
-class Node:
+class Node(OfflineMixin):
     app: App
     say: Callable[[str], None] = print
     inventory: MemoryInventory = field(default_factory=MemoryInventory)
     journal: Journal = field(default_factory=Journal)
     closers: list[Callable[[], Any]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     online: bool = True
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class Node:
                 server.load = live_load(s, self.cfg.name)
                 if state is not None:
                     server.state = state
+                elif server.state is ServerState.DOWN:
+                    server.state = ServerState.UP  # e.g. started while the database was down
             s.flush()
             snapshot = load_snapshot(s, self.inventory.snapshot)
         self.inventory.replace(snapshot)
@@ -100,19 +106,34 @@ class Node:
         while not self.stopping.is_set():
             try:
                 await asyncio.to_thread(self.sync)
+                await asyncio.to_thread(self.save_offline)
                 if not self.online:
                     self.online = True
-                    log.warning("database reachable again: journal written back, inventory refreshed")
+                    self.say("database reachable again: journal written back, inventory refreshed")
             except (DatabaseUnavailable, PvsfarmError) as exc:
                 if self.online:
                     self.online = False
-                    log.warning("database unavailable, serving from memory: %s", exc)
+                    self.say(f"database unavailable, serving from memory and the offline cache: {exc}")
+                await self.while_offline()
             except Exception:  # noqa: BLE001 - the sync loop must outlive any one bad round
                 log.exception("inventory sync failed; retrying")
-            try:
-                await asyncio.wait_for(self.stopping.wait(), self.cfg.heartbeat_interval_s)
-            except TimeoutError:
-                pass
+            await self._pause(self.cfg.heartbeat_interval_s)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until the next round, the node stops, or a NOTIFY wakes us."""
+        waits = [asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(self.wake.wait())]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        self.wake.clear()
+
+    def start_listener(self) -> None:
+        if self.app.engine.dialect.name != "postgresql":
+            return
+        loop = asyncio.get_running_loop()
+        listener = Listener(self.app.engine, lambda: loop.call_soon_threadsafe(self.wake.set))
+        listener.start()
+        self.closers.append(listener.stop)
 
     # -- protocol servers --------------------------------------------------
 
@@ -121,6 +142,7 @@ class Node:
         webapp = web.Application()
         webapp.router.add_get("/health", self._health)
         self.http.routes(webapp)
+        add_peer_routes(webapp, self.inventory, self.cfg.name, lambda: self.inventory.snapshot.secret)
         runner = web.AppRunner(webapp, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, cfg.listen_address, cfg.listen_port).start()
@@ -179,14 +201,15 @@ class Node:
         self.say(f"data directory: {cfg.data_path} (store {cfg.store_path})")
         for path in (cfg.store_path, cfg.tftp_root):
             path.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self.register)
+        await self.start_inventory()
+        self.start_listener()
         try:
             await self._start_servers()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stopping.set)
             self.say("node ready")
-            await self.sync_loop()
+            await asyncio.gather(self.sync_loop(), replicator_for(self).run())
         finally:
             await self.shutdown()
 
@@ -212,6 +235,9 @@ class Node:
             await asyncio.to_thread(self.sync, ServerState.DOWN)
         except PvsfarmError as exc:
             log.warning("could not mark the node down: %s", exc)
+            pending = self.journal.take()
+            await asyncio.to_thread(self.offline_cache.save_journal, pending)
+            self.say(f"database unavailable at shutdown: {pending.pending()} session events kept in the offline cache")
         self.say("node stopped")
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from pvsfarm.addr import MacAddress
 from pvsfarm.db.models import AuditEntry, Collection, Device, FarmSetting, Server, VDisk
+from pvsfarm.db.notify import notify_change
 from pvsfarm.errors import InvalidInput, NotFound
 
 DEFAULT_COLLECTION = "default"
@@ -27,6 +28,7 @@ def bump_generation(session: Session) -> None:
         session.add(FarmSetting(key=GENERATION_KEY, value="1"))
     else:
         row.value = str(int(row.value) + 1)
+    notify_change(session)
 
 
 def audit(session: Session, actor: str, action: str, obj_type: str, name: str, **detail: Any) -> None:

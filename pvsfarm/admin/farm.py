@@ -131,3 +131,18 @@ def show_bootstrap(session: Session) -> dict[str, Any]:
             for e in entries
         ],
     }
+
+
+def set_drain(session: Session, actor: str, name: str, drain: bool) -> dict[str, Any]:
+    """Drain: no new assignments to the server (maintenance); undrain brings it back.
+
+    Targets already streaming from it stay until they reconnect or the node
+    stops; the login service then sends them elsewhere.
+    """
+    server = get_server(session, name)
+    if drain:
+        server.state = ServerState.DRAINING
+    elif server.state is ServerState.DRAINING:
+        server.state = ServerState.UP
+    audit(session, actor, "drain" if drain else "undrain", "server", name)
+    return server_dict(server, 0, 1e9, utcnow())

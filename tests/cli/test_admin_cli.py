@@ -93,3 +93,14 @@ def test_changes_are_audited(farm: Invoke, image: Path, db_url: str) -> None:
         (r[2], "add", "vdisk", "base") for r in rows
     } | {(r[2], "add", "device", "t1") for r in rows}
     assert len(rows) == 2
+
+
+def test_drain_and_undrain(farm: Invoke) -> None:
+    ok(farm("server", "add", "s1", "--address", "10.0.0.11"))
+    assert "draining" in ok(farm("server", "drain", "s1"))
+    assert json.loads(ok(farm("server", "list", "--json")))[0]["state"] == "draining"
+    ok(farm("server", "undrain", "s1"))
+    # undrained but never heartbeated: state goes back to up, shown as dead until its node beats
+    assert json.loads(ok(farm("server", "list", "--json")))[0]["state"] == "dead"
+    result = farm("server", "drain", "nope")
+    assert result.exit_code == 1 and "unknown server 'nope'" in result.output
