@@ -1,39 +1,47 @@
 """DHCPv4 DORA/s: pvsfarm (uvloop) vs dnsmasq vs Kea, measured with perfdhcp in one run.
 
-Topology (made here, deleted at exit even on error): namespaces
-``pvsb-dhcp-<tag>-srv`` and ``-cli`` joined by veth ``vs``/``vc`` (created from
-inside the server namespace: the host's own namespace never sees them), subnet
-10.123.0.0/16, server 10.123.0.1, client 10.123.0.2. Every server runs alone
-in the server namespace, one after the other; nothing touches a real interface.
+Topology (made here, deleted at exit even on error): per server a namespace
+pair ``pvsb-dhcp-<tag>-srv`` / ``-cli`` joined by veth ``vs``/``vc`` (created
+from inside the server namespace: the host's own namespace never sees them),
+subnet 10.123.0.0/16, server 10.123.0.1, client 10.123.0.2. Nothing touches a
+real interface. All servers start at once, each alone in its namespace, and
+idle while another is measured.
 
 Reservations: 1,000 MAC -> IPv4, MAC ``02:50:00:00:hi:lo`` for i = 0..999
 (hi, lo = i >> 8, i & 0xff) -> 10.123.(1 + i // 250).(1 + i % 250). perfdhcp
 ``-b mac=02:50:00:00:00:00 -R 1000`` draws r = random() % 1000 per exchange and
 adds it to the base MAC octet by octet from the right (Kea 2.2
 ``TestControl::generateMacAddress``), so with a zero tail it sends exactly
-these 1,000 MACs. pvsfarm counts MACs missing from its inventory: the table
-shows that count, which must be 0.
+these 1,000 MACs. pvsfarm counts MACs missing from its inventory; the report
+prints that count, which must be 0.
 
 Servers:
 * ``pvsfarm``  `start_dhcp_server` + `MemoryInventory`, uvloop, its own process
   (this script with ``--serve``).
-* ``dnsmasq``  ``--leasefile-ro`` (no lease file: the shared/bench anchor shows a
-  lease file rewrite per packet caps it near 500/s), ``dhcp-host`` reservations
-  from ``--dhcp-hostsfile``, static range.
+* ``dnsmasq``  ``--leasefile-ro`` (a lease file rewritten per packet caps it
+  near 500/s, shared/bench/RESULTS.md), ``dhcp-host`` reservations from
+  ``--dhcp-hostsfile``, static range.
 * ``kea``      kea-dhcp4, raw socket, single-threaded, memfile ``persist=false``,
   ``hw-address`` host reservations.
 
-Method: for each server a rate ladder (``perfdhcp -r R -p PERIOD``, 4-way DORA,
-broadcast on ``vc``); a step passes when drops < 1 % of sent (DISCOVER-OFFER +
-REQUEST-ACK). The ladder stops after a step fails twice; one bisection step
-between the last pass and the first fail refines the answer. The figure is the
-achieved DORA/s at the highest passing rate. With ``--pin`` (default) the
-server runs on CPU 0 and perfdhcp on CPU 1, so each single-threaded server gets
-the same one core; perfdhcp needs most of a core at >= 8k/s.
+Method: a rate ladder (``perfdhcp -r R -p PERIOD``, 4-way DORA, broadcast on
+``vc``), interleaved: at each rate every server still climbing takes its step,
+so all see the same minute of this shared host. A step passes when drops
+< 1 % of sent (DISCOVER-OFFER + REQUEST-ACK). A rate passes if one of up to
+``--attempts`` (3) steps passes: other work on a shared host only ever lowers
+a step, so this estimates the server's undisturbed capacity. Two failed
+rates in a row (``--patience``) end that server's ladder, then one bisection
+step between its highest pass and the next failed rate refines the answer. The figure is the achieved
+DORA/s at the highest passing rate. Each step also shows the server's CPU time
+per DORA (user + system, incl. the veth transmit it does) and the datagrams
+its UDP receive buffer dropped. With ``--pin`` (default) servers run on CPU 0
+and perfdhcp on CPU 1: each single-threaded server gets the same one core, and
+perfdhcp needs most of the other at >= 8k/s.
 
-usage: python benchmarks/dhcp_bench.py [--period 5] [--rates 1000,2000,...]
-           [--servers pvsfarm,dnsmasq,kea] [--rounds 1] [--no-pin] [--py-spy OUT]
-Needs root, iproute2, perfdhcp (Debian package kea-admin), kea-dhcp4
+usage: python benchmarks/dhcp_bench.py [--period 3] [--rates 1000,2000,...] [--attempts 3]
+           [--servers pvsfarm,dnsmasq,kea] [--rounds 1] [--no-pin]
+           [--baseline OTHER_CHECKOUT] [--py-spy OUT.svg]
+Needs root, iproute2, taskset, perfdhcp (Debian package kea-admin), kea-dhcp4
 (kea-dhcp4-server), dnsmasq (dnsmasq-base) and uvloop.
 """
 
@@ -59,8 +67,9 @@ CLIENT_IP = "10.123.0.2"
 BASE_MAC = "02:50:00:00:00:00"
 SRV_IF, CLI_IF = "vs", "vc"
 DROP_LIMIT_PCT = 1.0
-DEFAULT_RATES = "1000,2000,3000,4000,5000,6000,7000,8000,9000,10000,12000"
+DEFAULT_RATES = "1000,2000,3000,4000,5000,6000,7000,8000,9000,10000"
 STOP_GRACE_S = 5.0
+LABELS = ("pvsfarm", "pvsfarm-base", "dnsmasq", "kea")
 
 
 def reservations(n: int) -> list[tuple[str, str]]:
@@ -87,9 +96,8 @@ def serve_pvsfarm(conf_dir: str) -> None:
     from pvsfarm.views import DeviceView
 
     logging.basicConfig(level=logging.WARNING)
-    hosts = json.loads(Path(conf_dir, "hosts.json").read_text())
     devices = {}
-    for i, (mac, ip) in enumerate(hosts):
+    for i, (mac, ip) in enumerate(json.loads(Path(conf_dir, "hosts.json").read_text())):
         m = MacAddress.parse(mac)
         devices[m] = DeviceView(m, f"t{i:04d}", IPv4Address(ip), "bench", "vdisk", True)
     inventory = MemoryInventory(Snapshot(devices=devices))
@@ -100,20 +108,19 @@ def serve_pvsfarm(conf_dir: str) -> None:
     def on_unknown(mac: object, msg: object) -> None:
         unknown[0] += 1
 
-    async def main() -> None:
+    async def serve() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         handle = await start_dhcp_server(settings, inventory, on_unknown=on_unknown)
-        print("ready", flush=True)
         await stop.wait()
         handle.close()
         s = handle.stats
         print(json.dumps({"received": s.received, "replied": s.replied, "malformed": s.malformed,
                           "errors": s.errors, "unknown": unknown[0]}), flush=True)
 
-    uvloop.run(main())
+    uvloop.run(serve())
 
 
 # --- namespaces -------------------------------------------------------------------
@@ -123,8 +130,8 @@ def ip(*args: str) -> None:
 
 
 def wait_up(ns: str, ifname: str, timeout_s: float = 5.0) -> None:
-    """operstate UP: the real qdisc is attached by linkwatch up to ~1 s after
-    ``link set up``, frames sent before are dropped."""
+    """operstate UP: linkwatch attaches the real qdisc up to ~1 s after
+    ``link set up``, and frames sent before are dropped."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname],
@@ -136,7 +143,7 @@ def wait_up(ns: str, ifname: str, timeout_s: float = 5.0) -> None:
 
 
 class Segment:
-    """Server and client namespaces joined by one veth pair."""
+    """A server and a client namespace joined by one veth pair."""
 
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
@@ -200,6 +207,7 @@ def server_command(label: str, conf: Path) -> list[str]:
 @dataclass
 class Server:
     label: str
+    seg: Segment
     proc: subprocess.Popen[bytes]
     log: Path
     profiler: subprocess.Popen[bytes] | None = None
@@ -212,43 +220,49 @@ class Server:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_server(label: str, seg: Segment, conf: Path, cpu: str | None,
-                 baseline: str | None = None) -> Server:
-    src = baseline if label == "pvsfarm-base" and baseline else Path(__file__).resolve().parents[1]
-    env = dict(os.environ, KEA_PIDFILE_DIR=str(conf), KEA_LOCKFILE_DIR=str(conf),
-               KEA_LOGGER_DESTINATION="stdout", PYTHONPATH=str(src))
-    cmd = server_command(label, conf)
-    if cpu is not None:
-        cmd = ["taskset", "-c", cpu, *cmd]
-    log = conf / f"{label}.log"
-    with open(log, "wb") as out:
-        # `ip netns exec` and `taskset` exec, so the PID is the server's own.
-        proc = subprocess.Popen(["ip", "netns", "exec", seg.srv, *cmd], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return Server(label, proc, log)
+def start_server(label: str, conf: Path, cpu: str | None, baseline: str | None) -> Server:
+    """Make the server's namespace pair and start it there. Returns once the
+    process runs; `wait_ready` checks that it answers."""
+    seg = Segment()
+    try:
+        seg.create()
+        src = baseline if label == "pvsfarm-base" and baseline else Path(__file__).resolve().parents[1]
+        env = dict(os.environ, KEA_PIDFILE_DIR=str(conf), KEA_LOCKFILE_DIR=str(conf),
+                   PYTHONPATH=str(src))
+        cmd = server_command(label, conf)
+        if cpu is not None:
+            cmd = ["taskset", "-c", cpu, *cmd]
+        log = conf / f"{label}.log"
+        with open(log, "wb") as out:
+            # `ip netns exec` and `taskset` exec, so the PID is the server's own.
+            proc = subprocess.Popen(["ip", "netns", "exec", seg.srv, *cmd], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    except BaseException:
+        seg.delete()
+        raise
+    return Server(label, seg, proc, log)
 
 
 def stop_server(server: Server) -> None:
-    if server.profiler is not None and server.profiler.poll() is None:
-        server.profiler.send_signal(signal.SIGINT)
+    """Stop the profiler and the server by PID (TERM, then KILL), drop the namespaces."""
+    for proc, sig in ((server.profiler, signal.SIGINT), (server.proc, signal.SIGTERM)):
+        if proc is None or proc.poll() is not None:
+            continue
+        proc.send_signal(sig)
         try:
-            server.profiler.wait(20)
+            proc.wait(20 if proc is server.profiler else STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            server.profiler.kill()
-            server.profiler.wait(STOP_GRACE_S)
-    if server.proc.poll() is None:
-        try:
-            server.proc.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(STOP_GRACE_S)
+            proc.kill()
+            proc.wait(STOP_GRACE_S)
+    server.seg.delete()
 
 
-# --- perfdhcp ---------------------------------------------------------------------
+def pvsfarm_counters(server: Server) -> dict[str, int] | None:
+    lines = server.log.read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+
+
+# --- measuring --------------------------------------------------------------------
 
 @dataclass
 class Step:
@@ -258,25 +272,39 @@ class Step:
     sent: int
     period_s: float = 0.0
     cpu_s: float = 0.0
-    """Server CPU time (user + system, incl. the veth transmit it does) in the step."""
+    """Server CPU time (user + system) during the step."""
+    sys_s: float = 0.0
+    """The system part of ``cpu_s``."""
+    rcvbuf_drops: int = 0
+    """UDP RcvbufErrors in the server's namespace during the step."""
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.drop_pct < DROP_LIMIT_PCT
 
     @property
     def cpu_us_per_dora(self) -> float:
         done = self.achieved * self.period_s
         return 1e6 * self.cpu_s / done if done else 0.0
 
-    @property
-    def ok(self) -> bool:
-        return self.sent > 0 and self.drop_pct < DROP_LIMIT_PCT
 
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (proc(5) fields 14, 15)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` in seconds (proc(5) fields 14, 15)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def udp_rcvbuf_errors(ns: str) -> int:
+    """Datagrams the namespace's UDP sockets dropped for a full receive
+    buffer (Kea reads through a packet socket: not counted here)."""
+    snmp = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+                          capture_output=True, text=True, timeout=10).stdout
+    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Udp:")]
+    return int(dict(zip(rows[0], rows[1])).get("RcvbufErrors", 0)) if len(rows) == 2 else 0
 
 
 def perfdhcp(seg: Segment, rate: int, period_s: float, clients: int, cpu: str | None) -> Step:
@@ -302,23 +330,38 @@ def perfdhcp(seg: Segment, rate: int, period_s: float, clients: int, cpu: str | 
     return Step(rate, float(m.group(1)) if m else 0.0, 100.0 * drops / sent if sent else 100.0, sent)
 
 
-def wait_ready(server: Server, seg: Segment, cpu: str | None, timeout_s: float = 15.0) -> None:
-    """The server answers a short low-rate run (also warms it up)."""
+def wait_ready(server: Server, cpu: str | None, timeout_s: float = 15.0) -> None:
+    """The server answers a short low-rate run (which also warms it up)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            break
-        step = perfdhcp(seg, 100, 1, 1000, cpu)
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        step = perfdhcp(server.seg, 100, 1, 1000, cpu)
         if step.achieved > 0 and step.drop_pct < 50:
             return
         time.sleep(0.2)
     raise RuntimeError(f"{server.label} did not answer; log:\n{server.log.read_text()[-2000:]}")
 
 
+def run_step(server: Server, rate: int, args: argparse.Namespace, cpu: str | None) -> Step:
+    user0, sys0 = cpu_seconds(server.proc.pid)
+    errors0 = udp_rcvbuf_errors(server.seg.srv)
+    step = perfdhcp(server.seg, rate, args.period, args.clients, cpu)
+    user1, sys1 = cpu_seconds(server.proc.pid)
+    step.rcvbuf_drops = udp_rcvbuf_errors(server.seg.srv) - errors0
+    step.period_s, step.cpu_s, step.sys_s = args.period, user1 - user0 + sys1 - sys0, sys1 - sys0
+    print(f"  {server.label:12s} r={rate:>6}: {step.achieved:8.1f} DORA/s  drops {step.drop_pct:6.2f} %"
+          f"  CPU {step.cpu_us_per_dora:5.1f} us/DORA"
+          f" ({100 * step.sys_s / step.cpu_s if step.cpu_s else 0:3.0f} % sys)"
+          f"  rcvbuf drops {step.rcvbuf_drops:<5d} {'ok' if step.ok else 'FAIL'}", flush=True)
+    return step
+
+
 @dataclass
 class Result:
+    """One server's ladder in one round."""
+
     steps: list[Step] = field(default_factory=list)
-    stats: dict[str, int] | None = None
+    failed_in_a_row: int = 0
+    """Consecutive failed rates; the ladder ends at ``--patience``."""
 
     def best(self) -> Step | None:
         ok = [s for s in self.steps if s.ok]
@@ -330,71 +373,85 @@ class Result:
         return min(bad, key=lambda s: s.rate) if bad else None
 
 
-def ladder(label: str, server: Server, seg: Segment, rates: list[int], period_s: float, clients: int,
-           cpu: str | None, deadline: float, result: Result) -> None:
-    def run(rate: int) -> Step:
-        cpu0 = cpu_seconds(server.proc.pid)
-        step = perfdhcp(seg, rate, period_s, clients, cpu)
-        step.period_s, step.cpu_s = period_s, cpu_seconds(server.proc.pid) - cpu0
-        result.steps.append(step)
-        print(f"  {label:8s} r={rate:>6}: {step.achieved:9.1f} DORA/s  drops {step.drop_pct:6.2f} %"
-              f"  server CPU {step.cpu_us_per_dora:5.1f} us/DORA  {'ok' if step.ok else 'FAIL'}", flush=True)
-        return step
+def interleaved_ladder(servers: list[Server], rates: list[int], args: argparse.Namespace,
+                       cpu: str | None, deadline: float) -> dict[str, Result]:
+    """Rate by rate, every server still climbing takes its step."""
+    results = {s.label: Result() for s in servers}
 
-    last_ok, first_bad = 0, 0
+    def attempt(server: Server, rate: int) -> bool:
+        for _ in range(args.attempts):
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            step = run_step(server, rate, args, cpu)
+            results[server.label].steps.append(step)
+            if step.ok:
+                return True
+        return False
+
     for rate in rates:
-        if time.monotonic() > deadline:
-            print(f"  {label}: time budget spent, ladder stopped at r={rate}")
-            return
-        if run(rate).ok or run(rate).ok:  # a failed step gets one retry (shared host)
-            last_ok = rate
-        else:
-            first_bad = rate
+        climbing = [s for s in servers if results[s.label].failed_in_a_row < args.patience]
+        if not climbing:
             break
-    if last_ok and first_bad and first_bad - last_ok > 250 and time.monotonic() < deadline:
-        run((last_ok + first_bad) // 2 // 100 * 100)
+        if time.monotonic() > deadline:
+            print(f"  time budget spent: ladder stopped before r={rate}")
+            break
+        for server in climbing:
+            r = results[server.label]
+            r.failed_in_a_row = 0 if attempt(server, rate) else r.failed_in_a_row + 1
+    for server in servers:  # one bisection step between last pass and first fail
+        best, fail = results[server.label].best(), results[server.label].first_fail()
+        if best and fail and fail.rate - best.rate > 250:
+            attempt(server, (best.rate + fail.rate) // 2 // 100 * 100)
+    return results
 
 
 # --- report -----------------------------------------------------------------------
 
-def report(results: dict[str, list[Result]], period_s: float) -> None:
-    def best_of(label: str) -> Step | None:
-        bests = [b for r in results.get(label, []) if (b := r.best()) is not None]
-        return sorted(bests, key=lambda s: s.achieved)[len(bests) // 2] if bests else None
+def median_best(runs: list[Result]) -> Step | None:
+    """The median over rounds of each round's best step (the lower middle
+    one for an even count; a round without a passing step ranks lowest)."""
+    bests = sorted((r.best() for r in runs), key=lambda s: s.achieved if s else -1.0)
+    return bests[(len(bests) - 1) // 2] if bests else None
 
-    print(f"\nDORA/s at < {DROP_LIMIT_PCT:g} % drops (perfdhcp -r R -p {period_s:g}, "
-          f"1,000 reservations; median over rounds)\n")
-    print("| server | max rate < 1 % drops (offered) | achieved DORA/s | drops % "
-          "| first failing rate (drops %) | pvsfarm unknown MACs |")
-    print("|---|---|---|---|---|---|")
+
+def report(results: dict[str, list[Result]], args: argparse.Namespace,
+           counters: dict[str, dict[str, int]]) -> None:
+    print(f"\nDHCPv4 DORA/s at < {DROP_LIMIT_PCT:g} % drops: perfdhcp -r R -p {args.period:g}, "
+          f"{args.clients:,} reserved MACs, {args.rounds} interleaved round(s)\n")
+    print("| server | highest passing rate | achieved DORA/s | drops % | server CPU us/DORA "
+          "| first failing rate (drops %) | best per round |")
+    print("|---|---|---|---|---|---|---|")
     for label, runs in results.items():
-        b = best_of(label)
-        fails = [f for r in runs if (f := r.first_fail()) is not None]
-        fail = f"{fails[0].rate} ({fails[0].drop_pct:.1f})" if fails else "-"
-        unknown = "-"
-        if label.startswith("pvsfarm"):
-            unknown = ", ".join(str(r.stats.get("unknown")) if r.stats else "?" for r in runs)
+        b = median_best(runs)
+        fail = next((f for r in runs if (f := r.first_fail()) is not None), None)
+        fail_s = f"{fail.rate:,} ({fail.drop_pct:.1f})" if fail else "none: top of ladder"
+        rounds = ", ".join(f"{s.achieved:,.0f}" if (s := r.best()) else "-" for r in runs)
         if b is None:
-            print(f"| {label} | none | - | - | {fail} | {unknown} |")
+            print(f"| {label} | none | - | - | - | {fail_s} | {rounds} |")
         else:
-            print(f"| {label} | {b.rate:,} | {b.achieved:,.0f} | {b.drop_pct:.2f} | {fail} | {unknown} |")
-    p = best_of("pvsfarm")
-    for other, target in (("dnsmasq", 1.0), ("kea", 0.7)):
-        o = best_of(other)
+            print(f"| {label} | {b.rate:,} | {b.achieved:,.0f} | {b.drop_pct:.2f} "
+                  f"| {b.cpu_us_per_dora:.0f} | {fail_s} | {rounds} |")
+    print()
+    for label, c in counters.items():
+        warn = "" if c.get("unknown") == 0 else "  <- perfdhcp sent MACs without reservations!"
+        print(f"{label} counters: {json.dumps(c)}{warn}")
+    p = median_best(results.get("pvsfarm", []))
+    for other, target in (("dnsmasq", 1.0), ("kea", 0.7), ("pvsfarm-base", 1.0)):
+        o = median_best(results.get(other, []))
         if p and o and o.achieved:
             ratio = p.achieved / o.achieved
-            verdict = "meets" if ratio >= target else "BELOW"
-            print(f"pvsfarm/{other}: {ratio:.2f}x (target >= {target:.1f}x: {verdict})")
+            print(f"pvsfarm/{other}: {ratio:.2f}x (target >= {target:.1f}x: "
+                  f"{'meets' if ratio >= target else 'BELOW'})")
 
 
 # --- main -------------------------------------------------------------------------
 
 def check_tools(labels: list[str]) -> None:
-    unknown = set(labels) - {"pvsfarm", "pvsfarm-base", "dnsmasq", "kea"}
+    unknown = set(labels) - set(LABELS)
     if unknown:
-        sys.exit(f"unknown servers: {', '.join(sorted(unknown))}")
-    need = {"ip", "perfdhcp", "taskset"} | {"dnsmasq" for l in labels if l == "dnsmasq"} \
-        | {"kea-dhcp4" for l in labels if l == "kea"}
+        sys.exit(f"unknown servers: {', '.join(sorted(unknown))} (known: {', '.join(LABELS)})")
+    need = {"ip", "perfdhcp", "taskset"} | ({"dnsmasq"} & set(labels)) \
+        | ({"kea-dhcp4"} if "kea" in labels else set())
     missing = sorted(t for t in need if shutil.which(t) is None)
     if missing:
         sys.exit(f"missing tools: {', '.join(missing)} (apt-get install kea-admin "
@@ -407,20 +464,27 @@ def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--serve", metavar="CONF_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--servers", default="pvsfarm,dnsmasq,kea")
     ap.add_argument("--rates", default=DEFAULT_RATES, help="offered DORA/s ladder")
-    ap.add_argument("--period", type=float, default=5.0, help="seconds per step (perfdhcp -p)")
-    ap.add_argument("--rounds", type=int, default=1, help="ladders per server, round-robin")
+    ap.add_argument("--period", type=float, default=3.0, help="seconds per step (perfdhcp -p)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved ladders to run")
+    ap.add_argument("--attempts", type=int, default=3, help="tries per rate before it fails")
+    ap.add_argument("--patience", type=int, default=2, help="failed rates in a row that end a ladder")
     ap.add_argument("--clients", type=int, default=1000, help="reservations = perfdhcp -R")
-    ap.add_argument("--budget", type=float, default=270.0, help="seconds before ladders stop")
-    ap.add_argument("--no-pin", action="store_true", help="do not pin server/perfdhcp to CPUs 0/1")
-    ap.add_argument("--baseline", metavar="SRC_DIR", help="also measure the pvsfarm in this "
-                    "checkout (label pvsfarm-base), e.g. a `git worktree` of the last commit")
-    ap.add_argument("--py-spy", metavar="OUT.svg", help="profile the pvsfarm server with py-spy (.svg flame graph, .txt raw)")
-    args = ap.parse_args()
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds before ladders stop")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin servers/perfdhcp to CPUs 0/1")
+    ap.add_argument("--baseline", metavar="SRC_DIR", help="also measure the pvsfarm package in "
+                    "this checkout (label pvsfarm-base), e.g. a `git worktree` of HEAD")
+    ap.add_argument("--py-spy", metavar="OUT", help="profile the pvsfarm server with py-spy "
+                    "(.svg flame graph, .txt raw stacks)")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.serve:
         serve_pvsfarm(args.serve)
         return
@@ -433,37 +497,31 @@ def main() -> None:
     srv_cpu, cli_cpu = ("0", "1") if pin else (None, None)
     signal.signal(signal.SIGTERM, _raise_exit)
     deadline = time.monotonic() + args.budget
-    seg = Segment()
     results: dict[str, list[Result]] = {label: [] for label in labels}
-    server: Server | None = None
+    counters: dict[str, dict[str, int]] = {}
+    servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="pvsb-dhcp-") as tmp:
         conf = Path(tmp)
         os.chmod(conf, 0o755)
         write_configs(conf, reservations(args.clients))
         try:
-            seg.create()
+            for label in labels:
+                servers.append(start_server(label, conf, srv_cpu, args.baseline))
+            for server in servers:
+                wait_ready(server, cli_cpu)
+                if args.py_spy and server.label == "pvsfarm":
+                    server.profile(args.py_spy)
             for rnd in range(args.rounds):
-                for label in labels:
-                    print(f"round {rnd + 1}: {label}", flush=True)
-                    server = start_server(label, seg, conf, srv_cpu, args.baseline)
-                    result = Result()
+                print(f"round {rnd + 1}", flush=True)
+                for label, result in interleaved_ladder(servers, rates, args, cli_cpu,
+                                                        deadline).items():
                     results[label].append(result)
-                    wait_ready(server, seg, cli_cpu)
-                    if args.py_spy and label == "pvsfarm":
-                        server.profile(args.py_spy)
-                    ladder(label, server, seg, rates, args.period, args.clients, cli_cpu, deadline, result)
-                    stop_server(server)
-                    if label.startswith("pvsfarm"):
-                        lines = server.log.read_text().strip().splitlines()
-                        if lines and lines[-1].startswith("{"):
-                            result.stats = json.loads(lines[-1])
-                            print(f"  pvsfarm counters: {lines[-1]}")
-                    server = None
         finally:
-            if server is not None:
+            for server in servers:
                 stop_server(server)
-            seg.delete()
-    report(results, args.period)
+                if server.label.startswith("pvsfarm") and (c := pvsfarm_counters(server)):
+                    counters[server.label] = c
+    report(results, args, counters)
 
 
 if __name__ == "__main__":

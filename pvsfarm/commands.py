@@ -205,7 +205,7 @@ def vdisk_update(ctx: click.Context, name: str, image: str, as_json: bool) -> No
                                    progress_for=lambda phase: progress_printer(f"vdisk {name}: {phase}"))
 
     out = run(ctx, work)
-    emit_json(out) if as_json else click.echo(f"updated vDisk {out['name']} ({out['size_bytes']} bytes, {out['digest']})")
+    emit_json(out) if as_json else click.echo(f"updated vDisk {out['name']} ({out['digest']}); other copies re-sync")
 
 
 @vdisk.command("status")

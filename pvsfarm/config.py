@@ -109,6 +109,11 @@ class NodeConfig:
     heartbeat_interval_s: float = 1.0
     dead_after_s: float = 5.0
     """A node whose heartbeat is older than this is out of assignments."""
+    admin_faults: bool = False
+    """Fault injection for tests: ``POST /admin/fault`` from loopback may break
+    this node's services (e.g. make its TFTP drop every request). Off in
+    production; with it on, HTTP also listens on 127.0.0.1 when its
+    listen_address is one non-loopback address."""
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)
     http: HttpConfig = field(default_factory=HttpConfig)

@@ -29,6 +29,7 @@ from pvsfarm.db.engine import session_scope
 from pvsfarm.db.models import Server, utcnow
 from pvsfarm.db.notify import Listener
 from pvsfarm.db.snapshot import MemoryInventory, load_snapshot
+from pvsfarm.node_health import HealthMixin
 from pvsfarm.node_offline import OfflineMixin
 from pvsfarm.errors import DatabaseUnavailable, PvsfarmError
 from pvsfarm.streaming.exports import Exports
@@ -45,7 +46,7 @@ BOOTSTRAP_NAMES = ("boot.ipxe", "bootstrap.ipxe")
 
 
 @dataclass
-class Node(OfflineMixin):
+class Node(OfflineMixin, HealthMixin):
     app: App
     say: Callable[[str], None] = print
     inventory: MemoryInventory = field(default_factory=MemoryInventory)
@@ -93,6 +94,7 @@ class Node(OfflineMixin):
             if server is not None:
                 server.heartbeat_at = utcnow()
                 server.load = live_load(s, self.cfg.name)
+                server.health = self.health.summary()
                 if state is not None:
                     server.state = state
                 elif server.state is ServerState.DOWN:
@@ -142,16 +144,18 @@ class Node(OfflineMixin):
         webapp = web.Application()
         webapp.router.add_get("/health", self._health)
         self.http.routes(webapp)
+        self.add_admin_routes(webapp)
         add_peer_routes(webapp, self.inventory, self.cfg.name, lambda: self.inventory.snapshot.secret)
         runner = web.AppRunner(webapp, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, cfg.listen_address, cfg.listen_port).start()
+        await self.add_admin_site(runner)
         self.closers.append(runner.cleanup)
         self.say(f"http: listening on {cfg.listen_address}:{cfg.listen_port} (login API, bootstrap, sanboot)")
 
     async def _health(self, _request: web.Request) -> web.Response:
-        return web.json_response({"node": self.cfg.name, "status": "ok", "database": self.online,
-                                  "sessions": self.exports.open_sessions()})
+        return web.json_response({"node": self.cfg.name, "database": self.online,
+                                  "sessions": self.exports.open_sessions(), **self.health_fields()})
 
     async def start_nbd(self) -> None:
         from pvsfarm.streaming.nbd.server import start_nbd_server
@@ -175,6 +179,7 @@ class Node(OfflineMixin):
         server = await start_tftp_server(TftpSettings(root=root, host=cfg.listen_address, port=cfg.listen_port,
                                                       max_transfers=cfg.max_transfers), self.bootstrap_file)
         self.closers.append(server.close)
+        self.tftp_server = server
         self.say(f"tftp: listening on {cfg.listen_address}:{cfg.listen_port} (root {root})")
 
     async def start_dhcp(self) -> None:
@@ -189,8 +194,9 @@ class Node(OfflineMixin):
             dns_servers=tuple(IPv4Address(d) for d in c.dns_servers), lease_s=c.lease_s,
             bios_loader=c.bios_loader, efi_loader=c.efi_loader, ipxe_script_url="boot.ipxe",
             proxy_mode=c.proxy_mode)
-        handle = await start_dhcp_server(settings, self.inventory)
+        handle = await start_dhcp_server(settings, self.inventory, gate=self.dhcp_gate)
         self.closers.append(handle.close)
+        self.dhcp_handle = handle
         self.say(f"dhcp: serving {c.subnet} on {c.interface}{' (proxy)' if c.proxy_mode else ''}")
 
     # -- lifecycle ---------------------------------------------------------
@@ -221,6 +227,7 @@ class Node(OfflineMixin):
             await self.start_nbd()
         if cfg.tftp.enabled:
             await self.start_tftp()
+        self.start_health()
         if cfg.dhcp.interface is None:
             self.say("dhcp: off (no dhcp.interface in the config)")
         else:

@@ -92,6 +92,13 @@ class ServerView:
     state: ServerState
     heartbeat_at: float | None
     load: int
+    health: str = "ok"
+    """The node's own health summary ("ok" or e.g. "nbd down: timeout")."""
+
+    @property
+    def can_stream(self) -> bool:
+        """False while the node's own NBD or HTTP check fails (it must not get targets)."""
+        return not any(f"{svc} down" in self.health for svc in ("nbd", "http"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import json
 from ipaddress import IPv4Address, AddressValueError
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Integer, String, cast, select, update
 from sqlalchemy.orm import Session
 
 from pvsfarm.addr import MacAddress
@@ -22,12 +22,12 @@ GENERATION_KEY = "inventory_generation"
 
 def bump_generation(session: Session) -> None:
     """Every admin change bumps the inventory generation, so nodes re-read
-    devices/vDisks/copies/bootstrap only when something changed."""
-    row = session.get(FarmSetting, GENERATION_KEY)
-    if row is None:
-        session.add(FarmSetting(key=GENERATION_KEY, value="1"))
-    else:
-        row.value = str(int(row.value) + 1)
+    devices/vDisks/copies/bootstrap only when something changed. One atomic
+    UPDATE: concurrent bumps never lose one (the row exists since migration 0003)."""
+    session.execute(
+        update(FarmSetting).where(FarmSetting.key == GENERATION_KEY)
+        .values(value=cast(cast(FarmSetting.value, Integer) + 1, String))
+    )
     notify_change(session)
 
 

@@ -1,4 +1,4 @@
-"""vDisks: registration (digest, copy into the store), listing, removal."""
+"""vDisks: registration (digest, copy into the store), update, copy status, listing, removal."""
 
 from __future__ import annotations
 
@@ -163,6 +163,61 @@ def add_copy(session: Session, actor: str, name: str, server: Server | str, imag
     return vdisk_dict(vdisk)
 
 
+def update_vdisk(session: Session, actor: str, server: Server, name: str, image: Path, store_dir: Path,
+                 progress_for: ProgressFactory | None = None) -> dict[str, Any]:
+    """Replace vDisk ``name``'s content with ``image``, on ``server`` (this node).
+
+    The file is copied into the store as ``<name>.img`` through a temporary
+    name and a rename (targets streaming the old file keep reading it) and
+    digested; it becomes ``server``'s verified copy and the vDisk's digest.
+    When the digest changed, every other copy is marked stale: it is never
+    served again, and its node re-syncs it from a peer (`store.replicate`).
+    """
+    vdisk = get_vdisk(session, name)
+    size = check_image(image)
+    target = store_dir.resolve() / f"{vdisk.name}.img"
+    copy_into_store(image, target, progress_for("copy") if progress_for else None)
+    digest = digest_file(target, progress_for("digest") if progress_for else None)
+    old, now = vdisk.digest, utcnow()
+    vdisk.digest, vdisk.size_bytes, vdisk.file_name, vdisk.updated_at = digest, size, target.name, now
+    own = next((c for c in vdisk.copies if c.server_id == server.id), None)
+    if own is None:
+        own = VDiskCopy(server=server)
+        vdisk.copies.append(own)
+    for copy in vdisk.copies:
+        if copy is not own and digest != old:
+            copy.state, copy.progress_pct, copy.updated_at = CopyState.STALE, 0, now
+    own.path, own.digest, own.state, own.progress_pct, own.updated_at = (
+        str(target), digest, CopyState.VERIFIED, 100, now)
+    session.flush()
+    audit(session, actor, "update", "vdisk", name, server=server.name, size_bytes=size, digest=digest, previous=old)
+    return vdisk_dict(vdisk)
+
+
+def _status_row(vdisk: VDisk, server: Server, copy: VDiskCopy | None) -> dict[str, Any]:
+    state = copy.state.value if copy else CopyState.MISSING.value
+    if copy is not None and copy.state is CopyState.VERIFIED and copy.digest != vdisk.digest:
+        state = CopyState.STALE.value  # verified once, but for an older digest
+    pct = copy.progress_pct if copy else 0
+    return {"vdisk": vdisk.name, "server": server.name, "state": state, "progress_pct": pct,
+            "status": f"copying {pct}%" if state == CopyState.COPYING.value else state,
+            "path": copy.path if copy else None, "updated_at": iso(copy.updated_at) if copy else None}
+
+
+def vdisk_status(session: Session, name: str | None = None) -> list[dict[str, Any]]:
+    """Each vDisk x each known server: verified / copying n% / stale / missing (no copy row)."""
+    servers = session.scalars(select(Server).order_by(Server.name)).all()
+    if name is not None:
+        chosen = [get_vdisk(session, name)]
+    else:
+        chosen = list(session.scalars(select(VDisk).options(selectinload(VDisk.copies)).order_by(VDisk.name)))
+    rows = []
+    for vdisk in chosen:
+        by_server = {c.server_id: c for c in vdisk.copies}
+        rows += [_status_row(vdisk, srv, by_server.get(srv.id)) for srv in servers]
+    return rows
+
+
 def list_vdisks(session: Session) -> list[dict[str, Any]]:
     stmt = select(VDisk).options(selectinload(VDisk.copies).joinedload(VDiskCopy.server)).order_by(VDisk.name)
     return [vdisk_dict(v) for v in session.scalars(stmt)]
@@ -184,4 +239,5 @@ def remove_vdisk(session: Session, actor: str, name: str) -> str:
     return name
 
 
-__all__ = ["add_vdisk", "add_copy", "list_vdisks", "show_vdisk", "remove_vdisk", "check_image", "digest_file"]
+__all__ = ["add_vdisk", "add_copy", "update_vdisk", "vdisk_status", "list_vdisks", "show_vdisk", "remove_vdisk",
+           "check_image", "digest_file"]

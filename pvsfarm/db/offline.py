@@ -33,8 +33,8 @@ def snapshot_to_json(s: Snapshot) -> str:
                     for d in s.devices.values()],
         "vdisks": [[v.name, v.size_bytes, v.mode.value, v.cache_type.value, v.digest, v.boot_method.value]
                    for v in s.vdisks.values()],
-        "servers": [[x.name, x.address, x.http_port, x.nbd_port, x.tftp_port, x.state.value, x.heartbeat_at, x.load]
-                    for x in s.servers],
+        "servers": [[x.name, x.address, x.http_port, x.nbd_port, x.tftp_port, x.state.value, x.heartbeat_at, x.load,
+                     x.health] for x in s.servers],
         "copies": [[c.vdisk, c.server, c.path, c.digest, c.state.value] for cs in s.copies.values() for c in cs],
         "bootstrap": [list(s.bootstrap.servers), s.bootstrap.timeout_ms, s.bootstrap.mode.value, s.bootstrap.version],
     })
@@ -54,7 +54,8 @@ def snapshot_from_json(text: str) -> Snapshot:
         devices=devices,
         vdisks={v[0]: VDiskView(v[0], v[1], VDiskMode(v[2]), CacheType(v[3]), v[4], BootMethod(v[5]))
                 for v in d["vdisks"]},
-        servers=tuple(ServerView(x[0], x[1], x[2], x[3], x[4], ServerState(x[5]), x[6], x[7]) for x in d["servers"]),
+        servers=tuple(ServerView(x[0], x[1], x[2], x[3], x[4], ServerState(x[5]), x[6], x[7], *x[8:])
+                      for x in d["servers"]),
         copies={k: tuple(v) for k, v in copies.items()},
         bootstrap=BootstrapView(tuple(names), timeout_ms, BootstrapMode(mode), version),
         secret=bytes.fromhex(d["secret"]),

@@ -86,7 +86,8 @@ def generation(session: Session) -> int:
 
 def _servers(session: Session) -> tuple[ServerView, ...]:
     return tuple(
-        ServerView(s.name, s.address, s.http_port, s.nbd_port, s.tftp_port, s.state, epoch(s.heartbeat_at), s.load)
+        ServerView(s.name, s.address, s.http_port, s.nbd_port, s.tftp_port, s.state, epoch(s.heartbeat_at), s.load,
+                   s.health or "ok")
         for s in session.scalars(select(Server).order_by(Server.name))
     )
 

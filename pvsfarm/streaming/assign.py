@@ -6,8 +6,9 @@ the same answer, so firmware that asks twice is sent to the same server.
 Rules, in order:
  1. Candidates are the servers named in the bootstrap (``listed`` mode, the
     original product's rule), or every known server (``live`` mode).
- 2. A candidate must be ``up`` (not draining, not down), and its heartbeat
-    must be no older than ``dead_after_s`` at ``now``.
+ 2. A candidate must be ``up`` (not draining, not down), its heartbeat
+    must be no older than ``dead_after_s`` at ``now``, and its own health
+    check must not report its NBD or HTTP service down.
  3. It must hold a *verified* copy of the vDisk whose digest is the vDisk's
     current digest (a stale, partial or mismatched copy is never served).
  4. Servers in ``exclude`` (the target reports them unreachable) are skipped.
@@ -26,8 +27,8 @@ from pvsfarm.views import BootstrapMode, BootstrapView, CopyState, CopyView, Ser
 
 
 def is_live(server: ServerView, now: float, dead_after_s: float) -> bool:
-    """Rule 2: up, with a heartbeat no older than the bound."""
-    if server.state is not ServerState.UP or server.heartbeat_at is None:
+    """Rule 2: up, with a heartbeat no older than the bound, streaming healthy."""
+    if server.state is not ServerState.UP or server.heartbeat_at is None or not server.can_stream:
         return False
     return now - server.heartbeat_at <= dead_after_s
 

@@ -77,6 +77,9 @@ class LoginService:
             grant = ExportGrant(previous.session_id, str(mac), vdisk.name, server.name, int(now))
             if server.name != previous.server:
                 self.journal.move(grant.session_id, server.name)
+                # A dead node's targets fail over within a second: count the moves too, or
+                # they all pile onto the least-loaded survivor until the next refresh.
+                self.recent[server.name] = self.recent.get(server.name, 0) + 1
         else:
             grant = ExportGrant(secrets.token_hex(16), str(mac), vdisk.name, server.name, int(now))
             old = self.current.get(str(mac))

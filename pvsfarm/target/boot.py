@@ -21,10 +21,10 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pvsfarm.addr import MacAddress
 from pvsfarm.target.dhcp import configure_address, obtain_lease
@@ -34,6 +34,7 @@ from pvsfarm.target.nbd import NbdClient
 from pvsfarm.target.tftp import tftp_get
 
 log = logging.getLogger("pvsfarm.target")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,8 @@ class Stream:
     report: BootReport
     client: NbdClient | None = None
     dead: set[str] = field(default_factory=set)
+    on_login: Callable[[LoginAnswer, str], None] | None = None
+    """Called with every failover login answer and the base URL that gave it."""
 
     async def connect(self) -> NbdClient:
         a = self.answer
@@ -138,11 +141,20 @@ class Stream:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read, failing over (bounded) when the link dies; the failed read is retried."""
+        timeout = self.settings.read_timeout_s
+        return await self._retrying(offset, lambda c: c.read(offset, length, timeout_s=timeout))
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        """Write (acknowledged on return), failing over as `read` does. A write whose reply
+        was lost is sent again to the new server: the same bytes at the same place."""
+        timeout = self.settings.read_timeout_s
+        await self._retrying(offset, lambda c: c.write(offset, data, fua=fua, timeout_s=timeout))
+
+    async def _retrying(self, offset: int, op: Callable[[NbdClient], Awaitable[T]]) -> T:
         started, lost = time.monotonic(), None
         for _ in range(self.settings.max_failovers + 1):
             try:
-                client = self.client or await self.connect()
-                data = await client.read(offset, length, timeout_s=self.settings.read_timeout_s)
+                result = await op(self.client or await self.connect())
             except StreamLost as exc:
                 lost = lost or (self.answer.server, str(exc), 0)
                 attempts = await self.failover(exc)
@@ -150,8 +162,8 @@ class Stream:
                 continue
             if lost is not None:
                 self._record(lost, offset, time.monotonic() - started)
-            return data
-        raise BootFailed("failover", f"read at {offset} still failing after {self.settings.max_failovers} failovers")
+            return result
+        raise BootFailed("failover", f"I/O at {offset} still failing after {self.settings.max_failovers} failovers")
 
     def _record(self, lost: tuple[str, str, int], offset: int, seconds: float) -> None:
         a = self.answer
@@ -175,6 +187,8 @@ class Stream:
                 self.answer, url = await login(self._candidates(), s.mac, resume=self.answer.export,
                                                exclude=self.dead)
                 self.report.login_url = url
+                if self.on_login is not None:
+                    self.on_login(self.answer, url)
                 await self.connect()
                 return attempt + 1
             except (BootFailed, StreamLost) as exc:
@@ -191,6 +205,27 @@ class Stream:
         seen = {u.base_url for u in farm}
         listed = [u for u in self.urls if u.base_url not in seen and u.base_url not in dead]
         return farm + listed + [LoginUrl(url, timeout) for url in sorted(dead)]
+
+
+async def stream_from_login(urls: Sequence[LoginUrl], settings: TargetSettings, *,
+                            report: BootReport | None = None,
+                            on_login: Callable[[LoginAnswer, str], None] | None = None) -> Stream:
+    """The boot from step 3 on: log in through ``urls`` (in order), connect, failing over if
+    the assigned server does not take the connection. For targets that already know the farm
+    (an OS-stage agent, loopback tests): no DHCP/TFTP. Close ``stream.client`` when done."""
+    report = report or BootReport(mac=str(settings.mac), iface=settings.iface)
+    urls = list(urls)
+    report.bootstrap_servers = [u.base_url for u in urls]
+    answer, report.login_url = await login(urls, settings.mac)
+    if on_login is not None:
+        on_login(answer, report.login_url)
+    report.first_server, report.vdisk, report.size_bytes = answer.server, answer.vdisk, answer.size_bytes
+    stream = Stream(settings, urls, answer, report, on_login=on_login)
+    try:
+        await stream.connect()
+    except StreamLost as exc:
+        await stream.failover(exc)
+    return stream
 
 
 async def boot(settings: TargetSettings) -> BootReport:

@@ -1,4 +1,4 @@
-"""The target's NBD client: fixed newstyle handshake with NBD_OPT_GO, then simple READs.
+"""The target's NBD client: fixed newstyle handshake with NBD_OPT_GO, then simple READs and WRITEs.
 
 Handshake (NBD ``doc/proto.md``, "Fixed newstyle negotiation")::
 
@@ -6,10 +6,12 @@ Handshake (NBD ``doc/proto.md``, "Fixed newstyle negotiation")::
     C: IHAVEOPT NBD_OPT_GO len {name, info requests}
     S: NBD_REP_INFO (EXPORT: size, transmission flags) ...  S: NBD_REP_ACK
 
-Then one READ at a time (request header → simple reply header + data), which is
-all a booting OS's first stage needs and makes the in-flight read trivially
-retryable on another server after a failover. Connection-level failures become
-`StreamLost`; a server's error reply or garbage is `BootFailed`.
+Then one request at a time (READ: header → simple reply + data; WRITE: header +
+data → simple reply), which is all a booting OS's first stage needs and makes
+the in-flight request trivially retryable on another server after a failover
+(a READ of the base is idempotent; a WRITE rewrites the same bytes at the same
+place). Connection-level failures become `StreamLost`; a server's error reply
+or garbage is `BootFailed`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 
 from pvsfarm.errors import MalformedMessage
 from pvsfarm.streaming.nbd.wire import (
-    ClientFlag, ClientFlags, Cmd, HandshakeFlag, InfoExport, InfoRequest, InfoType, OptionReply,
-    OptionRequest, Opt, Rep, Request, ServerGreeting, SimpleReply, decode_info,
+    ClientFlag, ClientFlags, Cmd, CmdFlag, HandshakeFlag, InfoExport, InfoRequest, InfoType, OptionReply,
+    OptionRequest, Opt, Rep, Request, ServerGreeting, SimpleReply, TransmissionFlag, decode_info,
 )
 from pvsfarm.target.errors import BootFailed, StreamLost
 
@@ -68,9 +70,29 @@ class NbdClient:
         except LINK_ERRORS as exc:
             raise StreamLost(f"nbd {self.peer}: read of {length} bytes at {offset} failed: {exc!r}") from exc
 
+    async def write(self, offset: int, data: bytes, *, fua: bool = False, timeout_s: float = 5.0) -> None:
+        """One NBD_CMD_WRITE, acknowledged when this returns; errors as `read`."""
+        if self.transmission_flags & TransmissionFlag.READ_ONLY:
+            raise BootFailed("nbd", f"{self.peer}: the export is read-only")
+        handle = next(self._handles)
+        try:
+            await asyncio.wait_for(self._write(handle, offset, data, fua), timeout_s)
+        except LINK_ERRORS as exc:
+            raise StreamLost(f"nbd {self.peer}: write of {len(data)} bytes at {offset} failed: {exc!r}") from exc
+
     async def _read(self, handle: int, offset: int, length: int) -> bytes:
         self.writer.write(Request(0, Cmd.READ, handle, offset, length).encode())
         await self.writer.drain()
+        await self._reply(handle, "read", offset)
+        return await self.reader.readexactly(length)
+
+    async def _write(self, handle: int, offset: int, data: bytes, fua: bool) -> None:
+        flags = int(CmdFlag.FUA) if fua else 0
+        self.writer.writelines((Request(flags, Cmd.WRITE, handle, offset, len(data)).encode(), data))
+        await self.writer.drain()
+        await self._reply(handle, "write", offset)
+
+    async def _reply(self, handle: int, what: str, offset: int) -> None:
         header = await self.reader.readexactly(SimpleReply.SIZE)
         try:
             decoded = SimpleReply.decode(header)
@@ -81,8 +103,7 @@ class NbdClient:
         if reply.handle != handle:
             raise BootFailed("nbd", f"{self.peer}: reply for handle {reply.handle}, expected {handle}")
         if reply.error:
-            raise BootFailed("nbd", f"{self.peer}: read at {offset} failed with errno {reply.error}")
-        return await self.reader.readexactly(length)
+            raise BootFailed("nbd", f"{self.peer}: {what} at {offset} failed with errno {reply.error}")
 
     async def close(self) -> None:
         """NBD_CMD_DISC then close; never raises (the link may be dead already)."""

@@ -110,3 +110,13 @@ def test_assign_module_is_pure() -> None:
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"asyncio", "socket", "time", "sqlalchemy"}
+
+
+def test_a_node_reporting_nbd_or_http_down_gets_no_targets() -> None:
+    import dataclasses
+
+    sick = dataclasses.replace(server("s1", 0), health="nbd down: timeout")
+    tftp_only = dataclasses.replace(server("s3", 0), health="tftp down: timeout")
+    copies = [copy("s1"), copy("s2"), copy("s3")]
+    assert pick([sick, server("s2", 9)], copies, boot("s1", "s2")) == "s2"
+    assert pick([tftp_only, server("s2", 9)], copies, boot("s3", "s2")) == "s3"  # TFTP gates DHCP only

@@ -86,6 +86,7 @@ def open_in_root(root: Path, name: str) -> FileSource:
         raise RemoteProtocolError(f"{name!r} leads outside the root", code=ErrorCode.ACCESS_VIOLATION)
     try:
         # O_NOFOLLOW: realpath() resolved every link; a link appearing since is refused.
+        # O_NONBLOCK: opening a FIFO placed in the root must not block the event loop.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError as exc:
         raise RemoteProtocolError(f"{name!r}: no such file", code=ErrorCode.FILE_NOT_FOUND) from exc

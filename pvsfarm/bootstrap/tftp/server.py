@@ -86,6 +86,8 @@ class TftpServer:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transfers: dict[Address, Transfer] = {}
+        self.dropping = False
+        """Fault injection (tests): read and drop every request, as a hung server."""
 
     def listen(self, sock: socket.socket) -> None:
         """Serve requests arriving on ``sock`` (bound, non-blocking, PKTINFO on)."""
@@ -122,7 +124,8 @@ class TftpServer:
             except OSError as exc:  # e.g. ICMP errors queued by an earlier reply
                 log.debug("tftp: listener: %s", exc)
                 return
-            self.on_request(data, peer, _destination(ancillary))
+            if not self.dropping:
+                self.on_request(data, peer, _destination(ancillary))
 
     def on_request(self, data: bytes, peer: Address, local_ip: str | None = None) -> None:
         """Handle one datagram sent to the request port from ``peer`` (to ``local_ip``)."""

@@ -13,7 +13,8 @@ from pvsfarm.streaming.nbd.backend import (
     FileDevice,
     OpenedExport,
 )
-from pvsfarm.streaming.nbd.server import NbdConfig, NbdServerProtocol, install_uvloop, start_nbd_server
+from pvsfarm.streaming.nbd.config import NbdConfig
+from pvsfarm.streaming.nbd.server import NbdServerProtocol, install_uvloop, start_nbd_server
 
 __all__ = [
     "BlockDevice",

@@ -8,9 +8,12 @@ session tokens); :class:`DictResolver` is the fixed-table one for tests.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
+
+from pvsfarm.streaming.nbd.wire import Errno
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,8 @@ class Extent:
 
 
 ZERO_FD = -1
+_ENOSPC_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # spec: map EDQUOT/EFBIG to ENOSPC
+_EPERM_ERRNOS = {errno.EPERM, errno.EROFS, errno.EACCES}
 
 
 class BlockDevice(Protocol):
@@ -158,3 +163,24 @@ class FileDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def errno_for_exception(exc: BaseException) -> int:
+    """NBD errno for an exception raised by a BlockDevice (spec "Error values")."""
+    code = getattr(exc, "errno", None)
+    if code in _ENOSPC_ERRNOS:
+        return Errno.ENOSPC
+    if code in _EPERM_ERRNOS:
+        return Errno.EPERM
+    return Errno.EIO
+
+
+def release_export(opened: OpenedExport | None) -> None:
+    """Close the device, then run ``on_close`` (even if closing failed)."""
+    if opened is None:
+        return
+    try:
+        opened.device.close()
+    finally:
+        if opened.on_close is not None:
+            opened.on_close()

@@ -12,16 +12,14 @@ protocol violation is logged and closes only that connection.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from pvsfarm.streaming.nbd.backend import ExportResolver, OpenedExport
+from pvsfarm.streaming.nbd.backend import ExportResolver, OpenedExport, errno_for_exception, release_export
+from pvsfarm.streaming.nbd.config import NbdConfig
 from pvsfarm.streaming.nbd.replies import ReplyAborted, ReplyWriter
 from pvsfarm.streaming.nbd.session import (
-    DEFAULT_MAX_OPTION_BYTES,
-    DEFAULT_MAX_REQUEST_BYTES,
     CloseConnection,
     Event,
     ExportInfo,
@@ -31,30 +29,12 @@ from pvsfarm.streaming.nbd.session import (
     ServerSession,
     WriteCommand,
 )
-from pvsfarm.streaming.nbd.wire import Cmd, CmdFlag, Errno, Opt, Request, encode_simple_reply
+from pvsfarm.streaming.nbd.wire import Cmd, CmdFlag, Opt, Request, encode_simple_reply
 
 log = logging.getLogger("pvsfarm.streaming.nbd")
 
 _READ, _FLUSH, _TRIM, _ZERO = int(Cmd.READ), int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
 _FUA = int(CmdFlag.FUA)
-_ENOSPC_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # spec: map EDQUOT/EFBIG to ENOSPC
-_EPERM_ERRNOS = {errno.EPERM, errno.EROFS, errno.EACCES}
-
-
-@dataclass(frozen=True, slots=True)
-class NbdConfig:
-    """Tunables of the NBD server."""
-
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    """Largest READ/WRITE accepted (advertised as NBD_INFO_BLOCK_SIZE maximum)."""
-    max_option_bytes: int = DEFAULT_MAX_OPTION_BYTES
-    """Longer option data during the handshake closes the connection."""
-    flush_bytes: int = 256 * 2**10
-    """Reply bytes batched per ``writelines`` (RESULTS.md 1a: 256 KiB; 4 MiB was 4x slower)."""
-    sendfile_min_bytes: int = 128 * 2**10
-    """READs at least this long try raw ``os.sendfile``; 0 disables it."""
-    write_high_water_bytes: int = 0
-    """Transport high-water mark; 0 keeps the event loop's default (64 KiB)."""
 
 
 def install_uvloop() -> bool:
@@ -65,25 +45,6 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
-
-
-def _errno_for(exc: BaseException) -> int:
-    code = getattr(exc, "errno", None)
-    if code in _ENOSPC_ERRNOS:
-        return Errno.ENOSPC
-    if code in _EPERM_ERRNOS:
-        return Errno.EPERM
-    return Errno.EIO
-
-
-def _release(opened: OpenedExport | None) -> None:
-    if opened is None:
-        return
-    try:
-        opened.device.close()
-    finally:
-        if opened.on_close is not None:
-            opened.on_close()
 
 
 class NbdServerProtocol(asyncio.Protocol):
@@ -134,7 +95,7 @@ class NbdServerProtocol(asyncio.Protocol):
         self._writer.close()
         opened, self._export = self._export, None
         try:
-            _release(opened)
+            release_export(opened)
         except Exception:
             log.exception("nbd %s: closing the export failed", self._peer)
 
@@ -205,9 +166,9 @@ class NbdServerProtocol(asyncio.Protocol):
             dev = opened.device
             info = ExportInfo(ev.name, dev.size_bytes, dev.read_only, dev.can_multi_conn, opened.description)
         if ev.option == Opt.INFO:
-            _release(opened)
+            release_export(opened)
         else:
-            _release(self._export)
+            release_export(self._export)
             self._export = opened
         self._queue.extend(self._session.export_resolved(info))
 
@@ -235,7 +196,7 @@ class NbdServerProtocol(asyncio.Protocol):
                 return
             except Exception as exc:
                 log.warning("nbd %s: read %d+%d failed: %s", self._peer, req.offset, req.length, exc)
-                self._writer.add(encode_simple_reply(_errno_for(exc), req.handle))
+                self._writer.add(encode_simple_reply(errno_for_exception(exc), req.handle))
                 return
             self._nread += req.length
             return
@@ -250,7 +211,7 @@ class NbdServerProtocol(asyncio.Protocol):
                 dev.flush()
         except Exception as exc:
             log.warning("nbd %s: command %d failed: %s", self._peer, typ, exc)
-            self._writer.add(encode_simple_reply(_errno_for(exc), req.handle))
+            self._writer.add(encode_simple_reply(errno_for_exception(exc), req.handle))
             return
         self._writer.add(encode_simple_reply(0, req.handle))
 
@@ -261,7 +222,7 @@ class NbdServerProtocol(asyncio.Protocol):
             self._export.device.pwrite(req.offset, ev.data, bool(req.flags & _FUA))
         except Exception as exc:
             log.warning("nbd %s: write %d+%d failed: %s", self._peer, req.offset, req.length, exc)
-            self._writer.add(encode_simple_reply(_errno_for(exc), req.handle))
+            self._writer.add(encode_simple_reply(errno_for_exception(exc), req.handle))
             return
         self._nwritten += req.length
         self._writer.add(encode_simple_reply(0, req.handle))

@@ -369,38 +369,24 @@ class ServerSession:
         buf, pos, end = self._buf, self._pos, len(self._buf)
         unpack = REQUEST.unpack_from
         while True:
-            if self._discard:
-                n = min(self._discard, end - pos)
-                pos += n
-                self._discard -= n
-                if self._discard:
+            if self._discard or self._write_req is not None:
+                pos = self._take_payload(out, pos, end)
+                if self._discard or self._write_req is not None:
                     break
-                out.append(SendData(self._discard_reply))
-            if self._write_req is not None:
-                need = self._write_req.length
-                if end - pos < need:
-                    break
-                with memoryview(buf) as view:
-                    data = bytes(view[pos : pos + need])
-                pos += need
-                out.append(WriteCommand(self._write_req, data))
-                self._write_req = None
             if end - pos < 28:
                 break
             magic, flags, typ, handle, offset, length = unpack(buf, pos)
             if magic != REQUEST_MAGIC:
-                self._pos = pos
                 self._close(out, f"bad request magic 0x{magic:08x}")
                 return
             pos += 28
             if typ == _DISC:
-                self._pos = pos
                 self._close(out, "client sent NBD_CMD_DISC", protocol_error=False)
                 return
             req = Request(flags, typ, handle, offset, length)
             err = self._validate(req)
             if typ == _WRITE:
-                if err:
+                if err:  # the payload must still be read past; reply once it is
                     self._discard, self._discard_reply = length, encode_simple_reply(err, handle)
                     if not length:
                         out.append(SendData(self._discard_reply))
@@ -411,3 +397,21 @@ class ServerSession:
             else:
                 out.append(req)
         self._pos = pos
+
+    def _take_payload(self, out: list[Event], pos: int, end: int) -> int:
+        """Consume a WRITE payload (or a rejected one) from ``pos``; new position."""
+        if self._discard:
+            n = min(self._discard, end - pos)
+            self._discard -= n
+            if not self._discard:
+                out.append(SendData(self._discard_reply))
+            return pos + n
+        assert self._write_req is not None  # caller checked
+        need = self._write_req.length
+        if end - pos < need:
+            return pos
+        with memoryview(self._buf) as view:
+            data = bytes(view[pos : pos + need])
+        out.append(WriteCommand(self._write_req, data))
+        self._write_req = None
+        return pos + need

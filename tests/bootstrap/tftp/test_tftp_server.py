@@ -288,3 +288,19 @@ async def test_fuzzed_requests_never_raise(server: TftpServer) -> None:
     assert server.active_transfers <= 400
     server.close()
     assert server.active_transfers == 0
+
+
+@pytest.mark.parametrize("client", ["curl", "atftp"])
+async def test_block_number_rollover_with_real_clients(server: TftpServer, tmp_path: Path, client: str) -> None:
+    """70,000 blocks of 8 octets: the block number wraps 65535 → 0 mid-transfer."""
+    if shutil.which(client) is None:
+        pytest.skip(f"{client} not installed")
+    content = os.urandom(70_000 * 8 + 3)
+    (server.settings.root / "wrap.bin").write_bytes(content)
+    out = tmp_path / "out"
+    if client == "curl":
+        rc = await run("curl", "-s", "--tftp-blksize", "8", "-o", str(out), f"tftp://127.0.0.1:{server.port}/wrap.bin")
+    else:
+        opts = ["--option", "blksize 8", "--option", "windowsize 32"]
+        rc = await run("atftp", *opts, "-g", "-r", "wrap.bin", "-l", str(out), "127.0.0.1", str(server.port))
+    assert rc == 0 and out.read_bytes() == content

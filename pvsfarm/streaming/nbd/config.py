@@ -1,0 +1,23 @@
+"""Tunables of the NBD server (units in the names, as STYLE.md asks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pvsfarm.streaming.nbd.session import DEFAULT_MAX_OPTION_BYTES, DEFAULT_MAX_REQUEST_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class NbdConfig:
+    """Tunables of the NBD server."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """Largest READ/WRITE accepted (advertised as NBD_INFO_BLOCK_SIZE maximum)."""
+    max_option_bytes: int = DEFAULT_MAX_OPTION_BYTES
+    """Longer option data during the handshake closes the connection."""
+    flush_bytes: int = 256 * 2**10
+    """Reply bytes batched per ``writelines`` (RESULTS.md 1a: 256 KiB; 4 MiB was 4x slower)."""
+    sendfile_min_bytes: int = 128 * 2**10
+    """READs at least this long try raw ``os.sendfile``; 0 disables it."""
+    write_high_water_bytes: int = 0
+    """Transport high-water mark; 0 keeps the event loop's default (64 KiB)."""
