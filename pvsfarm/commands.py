@@ -318,13 +318,18 @@ def bootstrap_configure(ctx: click.Context, servers: tuple[str, ...], timeout_ms
 @json_option
 @click.pass_context
 def bootstrap_show(ctx: click.Context, as_json: bool) -> None:
-    """Show the bootstrap."""
-    _show(run(ctx, farm.show_bootstrap), as_json)
+    """Show the bootstrap (and whether issued boot ISOs are stale)."""
+    from pvsfarm.admin.media import media_status
+
+    _show(run(ctx, lambda s: {**farm.show_bootstrap(s), **media_status(s)}), as_json)
 
 
 def register(root: click.Group) -> None:
     from pvsfarm.node_cli import node
     from pvsfarm.target.cli import target
 
-    for group in (db, device, collection, vdisk, server, bootstrap, node, target):
+    from pvsfarm.audit_cli import audit, bootstrap_iso
+
+    bootstrap.add_command(bootstrap_iso)
+    for group in (db, device, collection, vdisk, server, bootstrap, node, target, audit):
         root.add_command(group)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def test_chaos(tmp_path: Path) -> None:
                       say=lines.append), 150))
         servers = {s["name"]: s for s in json.loads(admin(farm.pg.url, "server", "list", "--json"))}
     story = "\n".join(lines)
+    print(story)
 
     # Every target kept running; every byte read was right; no acknowledged write was lost.
     assert [t.error for t in out.targets if t.error] == [], story
@@ -36,13 +38,14 @@ def test_chaos(tmp_path: Path) -> None:
     assert sum(t.writes_acked for t in out.targets) >= TARGETS * 3
     assert sum(t.reads_ok for t in out.targets) > TARGETS * 50
 
-    # The busiest node's targets all failed over (fast) and kept verifying, their caches intact.
+    # The busiest node's targets all failed over (fast), spread over the survivors, caches intact.
     moved = [t for t in out.targets if any(s == out.killed for _, s in t.switches)]
     assert moved and not out.not_recovered, story
     assert len(out.failover_s) == len(moved)
-    assert max(out.failover_s.values()) < 5.0, sorted(out.failover_s.values())
+    assert max(out.failover_s.values()) < 3.0, sorted(round(v, 3) for v in out.failover_s.values())
     assert not [x for x in out.logins if x.cache_lost]
-    assert {t.server for t in moved} <= set(NODES) - {out.killed}
+    spread = Counter(t.server for t in moved)
+    assert set(spread) == set(NODES) - {out.killed} and min(spread.values()) >= len(moved) // 4, spread
 
     # 100% of new boots during the database outage, and their sessions written back afterwards.
     assert [b.error for b in out.outage_boots if not b.ok] == [], story
@@ -53,8 +56,12 @@ def test_chaos(tmp_path: Path) -> None:
     # No assignment to a dead or drained server, or to one without a verified copy.
     assert {x.server for x in out.logins} <= out.verified == set(NODES)
     after_kill = [x for x in out.logins if x.t > out.kill_t]
-    assert after_kill and out.killed not in {x.server for x in after_kill}
-    assert all(x.resumed for x in after_kill if x.t < out.kill_t + DEAD_AFTER_S)
+    to_dead = [(round(x.t - out.kill_t, 2), x.mac, "resume" if x.resumed else "new") for x in after_kill
+               if x.server == out.killed]
+    assert after_kill and not to_dead, f"assigned to {out.killed} after its kill: {to_dead}"
+    # New boots came while the farm's heartbeats still called the killed node live (nodes learn
+    # it from the failing-over targets; it was the least loaded once they had moved away).
+    assert any(not x.resumed for x in after_kill if x.t < out.kill_t + DEAD_AFTER_S)
     after_drain = [x for x in out.logins if x.t > out.drain_t]
     assert len(after_drain) == DRAIN_BOOTS and all(b.ok for b in out.drain_boots), story
     assert out.drained not in {x.server for x in after_drain}

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MAC_VAR = "${net0/mac:uristring}"
-"""iPXE percent-encodes the MAC (``52%3A54%3A...``); the login API decodes it."""
+MAC_VAR = "${net0/mac:hexhyp}"
+"""iPXE types the MAC as hex: ``:hexhyp`` gives ``52-54-00-12-34-56`` (``:uristring``
+would render the raw bytes as text — seen in QEMU: ``mac=RT``)."""
 RETRY_PAUSE_S = 10
 
 

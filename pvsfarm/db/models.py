@@ -72,6 +72,15 @@ class Server(Base):
     load: Mapped[int] = mapped_column(Integer, default=0)
     health: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    # Facts each node reports with its heartbeat, for `pvsfarm audit` (NULL = not reported).
+    dhcp_subnet: Mapped[str | None] = mapped_column(String(43))
+    """CIDR the node's DHCP serves; NULL = DHCP off on that node."""
+    offline_cache_at: Mapped[dt.datetime | None] = mapped_column(TS)
+    """When the node last saved its offline cache."""
+    inventory_generation: Mapped[int | None] = mapped_column(BigInteger)
+    """The inventory generation (devices, reservations...) the node serves from."""
+    store_shared: Mapped[bool | None] = mapped_column(Boolean)
+    """Whether the node's store (and so its write caches) is shared by every node."""
 
 
 class Store(Base):
@@ -187,3 +196,19 @@ class FarmSetting(Base):
     __tablename__ = "farm_settings"
     key: Mapped[str] = mapped_column(String(63), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class IssuedMedia(Base):
+    """A boot ISO handed out: which bootstrap it carries, to spot stale media."""
+
+    __tablename__ = "issued_media"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="iso")
+    bootstrap_version: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[BootstrapMode] = mapped_column(_enum(BootstrapMode, "bootstrap_mode"))
+    servers: Mapped[str] = mapped_column(Text)
+    """JSON list of the server names the medium's script tries, in order."""
+    digest: Mapped[str] = mapped_column(String(71))
+    path: Mapped[str] = mapped_column(String(1024))
+    actor: Mapped[str] = mapped_column(String(63))
+    issued_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)

@@ -48,6 +48,9 @@ class LoginService:
     """mac → (session id, server) of the device's session opened here."""
     recent: dict[str, int] = field(default_factory=dict)
     """Assignments made here since the last inventory refresh (see assign's extra_load)."""
+    lost: dict[str, float] = field(default_factory=dict)
+    """server → when a target failing over from it (a valid token naming it, and it in
+    ``exclude``) reported it unreachable here."""
 
     def refreshed(self) -> None:
         """Call after the inventory's loads were re-read from the database."""
@@ -69,10 +72,12 @@ class LoginService:
         """A new boot (``resume`` None) or a failover of an existing session (``resume`` = its token)."""
         device, vdisk = self._device(mac)
         previous = self._resumable(resume, device, vdisk, now)
+        if previous is not None and previous.server in exclude:
+            self.lost[previous.server] = now
         sticky = previous.server if previous else self.current.get(str(mac), ("", None))[1]
         server = assign(vdisk, self.inventory.servers(), self.inventory.copies(vdisk.name),
-                        self.inventory.bootstrap(), now, self.dead_after_s, current=sticky, exclude=exclude,
-                        extra_load=self.recent)
+                        self.inventory.bootstrap(), now, self.dead_after_s, current=sticky,
+                        exclude=exclude | self._lost(now), extra_load=self.recent)
         if previous is not None:
             grant = ExportGrant(previous.session_id, str(mac), vdisk.name, server.name, int(now))
             if server.name != previous.server:
@@ -90,6 +95,17 @@ class LoginService:
         self.current[str(mac)] = (grant.session_id, server.name)
         return LoginDecision(device, vdisk, server, grant, sign(grant, self.secret()), self._farm(now),
                              resumed=previous is not None, cache_lost=self._cache_lost(previous, server, vdisk))
+
+    def _lost(self, now: float) -> frozenset[str]:
+        """Servers reported lost by failing-over targets, until they heartbeat again after the
+        report (a live one does within a heartbeat or two) or ``dead_after_s`` passes (rule 2
+        then applies anyway; also bounds the harm of clock skew or a lying target). Without
+        this, a killed node whose targets all moved away is the least loaded server, and every
+        new boot is sent to it until its heartbeat ages out (chaos farm: 4 s of boots)."""
+        beats = {s.name: s.heartbeat_at or 0.0 for s in self.inventory.servers()}
+        self.lost = {name: at for name, at in self.lost.items()
+                     if now - at <= self.dead_after_s and beats.get(name, 0.0) <= at}
+        return frozenset(self.lost)
 
     def _resumable(self, token: str | None, device: DeviceView, vdisk: VDiskView, now: float) -> ExportGrant | None:
         if not token:

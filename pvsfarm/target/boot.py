@@ -54,7 +54,7 @@ class TargetSettings:
     login_timeout_s: float | None = None
     """Per-server login timeout; None = the bootstrap's ``chain --timeout``."""
     read_timeout_s: float = 5.0
-    """An NBD read slower than this counts as a dead link."""
+    """An NBD read (or write) slower than this counts as a dead link."""
     read_delay_s: float = 0.0
     """Pause between reads (an OS doing work between reads)."""
     failover_attempts: int = 8
@@ -69,7 +69,7 @@ class Failover:
     from_server: str
     to_server: str
     offset: int
-    """Offset of the in-flight read that was retried."""
+    """Offset of the in-flight read (or write) that was retried."""
     attempts: int
     seconds: float
     """From the start of the failed read to the end of its successful retry."""
@@ -129,7 +129,8 @@ class Stream:
     client: NbdClient | None = None
     dead: set[str] = field(default_factory=set)
     on_login: Callable[[LoginAnswer, str], None] | None = None
-    """Called with every failover login answer and the base URL that gave it."""
+    """Called with each failover's login answer and the base URL that gave it
+    (`stream_from_login` also calls it with the first)."""
 
     async def connect(self) -> NbdClient:
         a = self.answer

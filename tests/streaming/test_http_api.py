@@ -67,7 +67,7 @@ def test_bootstrap_lists_servers_in_order(farm: tuple[RunningNode, bytes]) -> No
         time.sleep(0.2)
     assert text.startswith("#!ipxe")
     assert [c.split()[3].split("/boot")[0] for c in chains] == [node.url, "http://127.0.0.2:8080"]
-    assert "${net0/mac:uristring}" in chains[0]
+    assert "${net0/mac:hexhyp}" in chains[0]
 
 
 def test_boot_script_sanboots_from_the_assigned_server(farm: tuple[RunningNode, bytes]) -> None:

@@ -1,0 +1,50 @@
+"""pvsfarm's own store devices for `nbd_bench.py --device-factory`.
+
+    --device-factory benchmarks.nbd_devices:empty_cache   standard image, empty write cache
+    --device-factory benchmarks.nbd_devices:half_cache    write cache holding 50% of the blocks
+    --device-factory benchmarks.nbd_devices:base_image    the read-only base (device-ram cache type)
+
+The connections of one server process share one device (as a target's
+connections do in the node, through `SharedDevice`). Cached blocks are
+written with the base's own bytes so the benchmark's checksum still holds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from pvsfarm.store import BaseImage, SharedDevice, WriteCache, read_bytes
+
+_shared: dict[str, SharedDevice] = {}
+
+
+def _shared_device(key: str, make) -> object:  # type: ignore[no-untyped-def]
+    shared = _shared.get(key)
+    if shared is None or shared.device is None:
+        shared = _shared[key] = SharedDevice(make())
+    return shared.handle()
+
+
+def base_image(image: str, read_only: bool) -> object:
+    return BaseImage(image)
+
+
+def _cache(image: str, fraction_every: int) -> WriteCache:
+    cache = WriteCache.create(image, os.path.join(tempfile.gettempdir(), f"nbdbench-{os.getpid()}.cow"))
+    if fraction_every:
+        base = BaseImage(image)
+        block = cache.block_size
+        for offset in range(0, cache.size_bytes, block * fraction_every):
+            n = min(block, cache.size_bytes - offset)
+            cache.pwrite(offset, read_bytes(base, offset, n), False)
+        base.close()
+    return cache
+
+
+def empty_cache(image: str, read_only: bool) -> object:
+    return _shared_device("empty", lambda: _cache(image, 0))
+
+
+def half_cache(image: str, read_only: bool) -> object:
+    return _shared_device("half", lambda: _cache(image, 2))
