@@ -96,7 +96,7 @@ def report(args: argparse.Namespace, outcomes: list[Outcome]) -> bool:
         ("targets failed", f"{errors}", "0"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{width}}  {'measured':<24}  target")
+    print(f"{'figure':<{width}}  {'measured':<44}  target")
     for name, value, goal in rows:
         print(f"{name:<{width}}  {value:<44}  {goal}")
     print("PASS" if ok else "FAIL")
