@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from pvsfarm.admin.common import audit, get_server, get_vdisk, iso, parse_name
@@ -152,15 +153,33 @@ def add_copy(session: Session, actor: str, name: str, server: Server | str, imag
     digest = digest_file(image, progress)
     if digest != vdisk.digest:
         raise StoreError(f"{image} has digest {digest}, vDisk {name!r} has {vdisk.digest}: stale or different file")
-    copy = next((c for c in vdisk.copies if c.server_id == holder.id), None)
-    if copy is None:
-        copy = VDiskCopy(server=holder)
-        vdisk.copies.append(copy)
+    copy = _copy_row(session, vdisk, holder)
     copy.path, copy.digest, copy.state, copy.progress_pct = str(image.resolve()), digest, CopyState.VERIFIED, 100
     copy.updated_at = utcnow()
     session.flush()
     audit(session, actor, "copy", "vdisk", name, server=holder.name, path=copy.path, digest=digest)
     return vdisk_dict(vdisk)
+
+
+def _copy_row(session: Session, vdisk: VDisk, holder: Server) -> VDiskCopy:
+    """The server's copy row, created if missing. A node's replicator may create
+    the same row at the same moment: the loser of that race re-reads the winner's
+    row instead of failing on the unique constraint."""
+    copy = next((c for c in vdisk.copies if c.server_id == holder.id), None)
+    if copy is not None:
+        return copy
+    try:
+        with session.begin_nested():
+            copy = VDiskCopy(vdisk_id=vdisk.id, server_id=holder.id, path="", state=CopyState.MISSING,
+                             progress_pct=0)
+            session.add(copy)
+    except IntegrityError:
+        copy = session.scalar(select(VDiskCopy).where(VDiskCopy.vdisk_id == vdisk.id,
+                                                      VDiskCopy.server_id == holder.id))
+        if copy is None:
+            raise
+    session.refresh(vdisk)
+    return copy
 
 
 def update_vdisk(session: Session, actor: str, server: Server, name: str, image: Path, store_dir: Path,
