@@ -64,7 +64,8 @@ class Node(OfflineMixin, HealthMixin):
         self.login = LoginService(self.inventory, secret, self.journal, cfg.dead_after_s,
                                   shared_store=cfg.store.shared)
         self.exports = Exports(self.inventory, secret, cfg.name, cfg.store_path / "writecache", self.journal,
-                               time.time, admin_from_loopback_only=cfg.nbd.admin_from_loopback_only)
+                               time.time, admin_from_loopback_only=cfg.nbd.admin_from_loopback_only,
+                               dead_after_s=cfg.dead_after_s)
         self.http = HttpApi(self.inventory, self.login, self.exports, cfg.name,
                             f"http://{cfg.address}:{cfg.http.listen_port}")
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvsfarm.errors import PvsfarmError
+from pvsfarm.errors import Conflict, PvsfarmError
+from pvsfarm.streaming.assign import is_live
 from pvsfarm.store import BaseImage, PrivateImage, SharedDevice, WriteCache
 from pvsfarm.streaming.journal import Journal
 from pvsfarm.streaming.nbd.backend import BlockDevice, OpenedExport
@@ -27,6 +29,42 @@ from pvsfarm.streaming.tokens import ExportGrant, verify
 from pvsfarm.views import CacheType, CopyState, Inventory, VDiskMode, VDiskView
 
 log = logging.getLogger("pvsfarm.exports")
+
+
+OWNER_SUFFIX = ".owner"
+
+
+def _set_owner(cache: Path, node: str) -> None:
+    cache.with_name(cache.name + OWNER_SUFFIX).write_text(node)
+
+
+def _owner(cache: Path) -> str | None:
+    try:
+        return cache.with_name(cache.name + OWNER_SUFFIX).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy only the data extents (SEEK_DATA/SEEK_HOLE): a cache's slots are mostly holes."""
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: only a hole remains
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            pos = start
+            while pos < end:
+                chunk = os.pread(fin.fileno(), min(1 << 20, end - pos), pos)
+                os.pwrite(fout.fileno(), chunk, pos)
+                pos += len(chunk)
+            offset = end
+        fout.truncate(size)
+        fout.flush()
+        os.fsync(fout.fileno())
 
 
 def is_loopback(host: str) -> bool:
@@ -46,6 +84,7 @@ class Exports:
     clock: Callable[[], float]
     token_ttl_s: float = 86400.0
     admin_from_loopback_only: bool = True
+    dead_after_s: float = 5.0
     _sessions: dict[str, SharedDevice] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -115,12 +154,40 @@ class Exports:
         prefix = grant.mac.replace(":", "-")
         cache = self.cache_dir / f"{prefix}--{grant.session_id}.cow"
         if cache.exists():
-            return WriteCache.open_existing(path, cache, base_id=vdisk.digest)
+            try:
+                opened = WriteCache.open_existing(path, cache, base_id=vdisk.digest)
+            except Conflict:
+                opened = self._take_over(cache, path, vdisk)
+            _set_owner(cache, self.node)
+            return opened
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         for old in self.cache_dir.glob(f"{prefix}--*.cow"):
             # A new session is a new boot: the device's older write caches are discarded.
             old.unlink(missing_ok=True)
-        return WriteCache.create(path, cache, base_id=vdisk.digest)
+        created = WriteCache.create(path, cache, base_id=vdisk.digest)
+        _set_owner(cache, self.node)
+        return created
+
+    def _take_over(self, cache: Path, base: Path, vdisk: VDiskView) -> WriteCache:
+        """The cache is still locked by the node that served the target before.
+
+        If that node is live, refuse (the target must not be served twice).
+        If it is dead by heartbeat — e.g. hung, still holding the lock — fence
+        it off: copy the cache (sparse) beside it and rename the copy over the
+        name. The hung process keeps only the orphaned old inode, so whatever
+        it does when it wakes can never reach the target's cache again; writes
+        it never acknowledged are not lost, they were never the target's.
+        """
+        holder = _owner(cache)
+        servers = {s.name: s for s in self.inventory.servers()}
+        held_by = servers.get(holder) if holder else None
+        if holder == self.node or (held_by is not None and is_live(held_by, self.clock(), self.dead_after_s)):
+            raise Conflict(f"write cache of this session is open on live server {holder!r}")
+        log.warning("taking over write cache %s from dead server %s", cache.name, holder or "?")
+        tmp = cache.with_name(f".{cache.name}.takeover")
+        copy_sparse(cache, tmp)
+        os.replace(tmp, cache)
+        return WriteCache.open_existing(base, cache, base_id=vdisk.digest)
 
     def _forget(self, session_id: str) -> None:
         with self._lock:
