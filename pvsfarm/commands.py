@@ -329,7 +329,8 @@ def register(root: click.Group) -> None:
     from pvsfarm.target.cli import target
 
     from pvsfarm.audit_cli import audit, bootstrap_iso
+    from pvsfarm.demo import demo
 
     bootstrap.add_command(bootstrap_iso)
-    for group in (db, device, collection, vdisk, server, bootstrap, node, target, audit):
+    for group in (db, device, collection, vdisk, server, bootstrap, node, target, audit, demo):
         root.add_command(group)

@@ -85,6 +85,7 @@ class Node(OfflineMixin, HealthMixin):
 
     def sync(self, state: ServerState | None = None) -> None:
         """Heartbeat + journal flush + inventory refresh, in one transaction."""
+        mark = self.login.flush_mark()
         batch = self.journal.take()
         try:
             with session_scope(self.app.sessions()) as s:
@@ -107,13 +108,14 @@ class Node(OfflineMixin, HealthMixin):
             if server is not None:
                 report_facts(server, self.cfg, snapshot.generation, self._saved[1])
         self.inventory.replace(snapshot)
-        self.login.refreshed()
+        self.login.refreshed(mark)
 
     async def sync_loop(self) -> None:
         while not self.stopping.is_set():
             try:
                 await asyncio.to_thread(self.sync)
                 await asyncio.to_thread(self.save_offline)
+                self.move_if_draining()
                 if not self.online:
                     self.online = True
                     self.say("database reachable again: journal written back, inventory refreshed")
@@ -125,6 +127,14 @@ class Node(OfflineMixin, HealthMixin):
             except Exception:  # noqa: BLE001 - the sync loop must outlive any one bad round
                 log.exception("inventory sync failed; retrying")
             await self._pause(self.cfg.heartbeat_interval_s)
+
+    def move_if_draining(self) -> None:
+        """Drained: move one target away per round (gently, not all at once)."""
+        me = next((s for s in self.inventory.servers() if s.name == self.cfg.name), None)
+        if me is not None and me.state is ServerState.DRAINING:
+            moved = self.exports.move_one_session()
+            if moved:
+                self.say(f"draining: moved session {moved[:8]} to another server")
 
     async def _pause(self, seconds: float) -> None:
         """Sleep until the next round, the node stops, or a NOTIFY wakes us."""

@@ -11,11 +11,11 @@ import secrets
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from pvsfarm.addr import MacAddress
-from pvsfarm.db.models import Bootstrap, BootstrapServer, Device, FarmSetting, Server, VDisk, VDiskCopy
+from pvsfarm.db.models import Bootstrap, BootstrapServer, Device, FarmSetting, Server, StreamSession, VDisk, VDiskCopy
 from pvsfarm.views import (
     BootstrapMode,
     BootstrapView,
@@ -85,9 +85,15 @@ def generation(session: Session) -> int:
 
 
 def _servers(session: Session) -> tuple[ServerView, ...]:
+    """Loads are counted from the open sessions, not read from ``servers.load``: that column
+    is written by each server for itself, once a heartbeat, so it lags the sessions a peer
+    just assigned to it (boot storm: 500 logins on n1 ended 222/278 on n1/n2)."""
+    live = dict(session.execute(
+        select(StreamSession.server_id, func.count()).where(StreamSession.ended_at.is_(None))
+        .group_by(StreamSession.server_id)).all())
     return tuple(
-        ServerView(s.name, s.address, s.http_port, s.nbd_port, s.tftp_port, s.state, epoch(s.heartbeat_at), s.load,
-                   s.health or "ok")
+        ServerView(s.name, s.address, s.http_port, s.nbd_port, s.tftp_port, s.state, epoch(s.heartbeat_at),
+                   live.get(s.id, 0), s.health or "ok")
         for s in session.scalars(select(Server).order_by(Server.name))
     )
 

@@ -86,6 +86,7 @@ class Exports:
     admin_from_loopback_only: bool = True
     dead_after_s: float = 5.0
     _sessions: dict[str, SharedDevice] = field(default_factory=dict)
+    _drops: dict[str, list[Callable[[], None]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def list_exports(self, peer: tuple[str, int]) -> list[str]:
@@ -117,7 +118,8 @@ class Exports:
         def on_io(bytes_read: int, bytes_written: int) -> None:
             self.journal.record_io(sid, bytes_read, bytes_written, self.clock())
 
-        return OpenedExport(handle, f"{vdisk.name} for {grant.mac}", on_io, lambda: self._forget(sid))
+        return OpenedExport(handle, f"{vdisk.name} for {grant.mac}", on_io, lambda: self._forget(sid),
+                            lambda drop: self._bind(sid, drop))
 
     def _open_admin(self, name: str, peer: tuple[str, int]) -> OpenedExport | None:
         if self.admin_from_loopback_only and not is_loopback(peer[0]):
@@ -189,11 +191,31 @@ class Exports:
         os.replace(tmp, cache)
         return WriteCache.open_existing(base, cache, base_id=vdisk.digest)
 
+    def _bind(self, session_id: str, drop: Callable[[], None]) -> None:
+        with self._lock:
+            self._drops.setdefault(session_id, []).append(drop)
+
     def _forget(self, session_id: str) -> None:
         with self._lock:
             shared = self._sessions.get(session_id)
             if shared is not None and shared.device is None:
                 del self._sessions[session_id]
+                self._drops.pop(session_id, None)
+
+    def move_one_session(self) -> str | None:
+        """Drop every NBD connection of one session (a draining node sends its
+        targets away one at a time: each logs in again and lands elsewhere)."""
+        with self._lock:
+            for sid, drops in self._drops.items():
+                shared = self._sessions.get(sid)
+                if drops and shared is not None and shared.device is not None:
+                    self._drops[sid] = []
+                    break
+            else:
+                return None
+        for drop in drops:
+            drop()
+        return sid
 
     def open_sessions(self) -> int:
         with self._lock:

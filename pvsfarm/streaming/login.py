@@ -8,6 +8,8 @@ opens is journaled and flushed to the database in batches.
 from __future__ import annotations
 
 import secrets
+import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,14 +49,33 @@ class LoginService:
     current: dict[str, tuple[str, str]] = field(default_factory=dict)
     """mac → (session id, server) of the device's session opened here."""
     recent: dict[str, int] = field(default_factory=dict)
-    """Assignments made here since the last inventory refresh (see assign's extra_load)."""
+    """Assignments made here that the inventory's loads do not show yet (assign's extra_load)."""
+    unflushed: list[str] = field(default_factory=list)
+    """The server of each of those assignments, oldest first."""
     lost: dict[str, float] = field(default_factory=dict)
     """server → when a target failing over from it (a valid token naming it, and it in
     ``exclude``) reported it unreachable here."""
 
-    def refreshed(self) -> None:
-        """Call after the inventory's loads were re-read from the database."""
-        self.recent.clear()
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # the flush thread calls `refreshed` while the loop logs in
+
+    def flush_mark(self) -> int:
+        """Call just before the journal is taken for a flush; hand the mark to `refreshed`."""
+        with self._lock:
+            return len(self.unflushed)
+
+    def refreshed(self, flushed: int | None = None) -> None:
+        """Call after the inventory's loads were re-read from the database. Only the assignments
+        before ``flushed`` (a `flush_mark`; None = all) are in those loads: the ones made while
+        the flush ran still count, or a login burst piles onto one server (boot storm)."""
+        with self._lock:
+            del self.unflushed[:len(self.unflushed) if flushed is None else flushed]
+            self.recent = dict(Counter(self.unflushed))
+
+    def _count(self, server: str) -> None:
+        with self._lock:
+            self.unflushed.append(server)
+            self.recent[server] = self.recent.get(server, 0) + 1
 
     def _device(self, mac: MacAddress) -> tuple[DeviceView, VDiskView]:
         device = self.inventory.device_by_mac(mac)
@@ -84,14 +105,14 @@ class LoginService:
                 self.journal.move(grant.session_id, server.name)
                 # A dead node's targets fail over within a second: count the moves too, or
                 # they all pile onto the least-loaded survivor until the next refresh.
-                self.recent[server.name] = self.recent.get(server.name, 0) + 1
+                self._count(server.name)
         else:
             grant = ExportGrant(secrets.token_hex(16), str(mac), vdisk.name, server.name, int(now))
             old = self.current.get(str(mac))
             if old is not None:
                 self.journal.end(old[0], now)
             self.journal.open(grant.session_id, str(mac), vdisk.name, server.name, now)
-            self.recent[server.name] = self.recent.get(server.name, 0) + 1
+            self._count(server.name)
         self.current[str(mac)] = (grant.session_id, server.name)
         return LoginDecision(device, vdisk, server, grant, sign(grant, self.secret()), self._farm(now),
                              resumed=previous is not None, cache_lost=self._cache_lost(previous, server, vdisk))

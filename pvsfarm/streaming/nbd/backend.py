@@ -71,6 +71,9 @@ class OpenedExport:
     description: str = ""
     on_io: Callable[[int, int], None] | None = None
     on_close: Callable[[], None] | None = None
+    bind_disconnect: Callable[[Callable[[], None]], None] | None = None
+    """Called once the export is in use with a function that drops this connection
+    (e.g. to move a target off a draining server)."""
 
 
 class ExportResolver(Protocol):

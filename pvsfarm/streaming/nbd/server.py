@@ -170,6 +170,8 @@ class NbdServerProtocol(asyncio.Protocol):
         else:
             release_export(self._export)
             self._export = opened
+            if opened is not None and opened.bind_disconnect is not None and self._transport is not None:
+                opened.bind_disconnect(self._transport.close)
         self._queue.extend(self._session.export_resolved(info))
 
     def _list(self) -> None:
