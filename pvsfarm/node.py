@@ -118,6 +118,7 @@ class Node(OfflineMixin, HealthMixin):
                 self.move_if_draining()
                 if not self.online:
                     self.online = True
+                    await asyncio.to_thread(self.journal_written_back)
                     self.say("database reachable again: journal written back, inventory refreshed")
             except (DatabaseUnavailable, PvsfarmError) as exc:
                 if self.online:

@@ -20,6 +20,7 @@ import aiohttp
 
 from pvsfarm.db.offline import OfflineCache
 from pvsfarm.errors import DatabaseUnavailable
+from pvsfarm.streaming.journal import Journal
 from pvsfarm.views import ServerState
 
 if TYPE_CHECKING:
@@ -73,6 +74,12 @@ class OfflineMixin:
         self.journal.restore(batch)
         await asyncio.to_thread(self.offline_cache.save_journal, batch)
         await self.probe_peers()
+
+    def journal_written_back(self: Node) -> None:  # type: ignore[misc]
+        """The database has the outage's events now: drop their saved copy, or the next start
+        replays it and its session inserts break the token's unique key on every flush — the
+        node would never heartbeat again (found by the e2e tests: any restart after an outage)."""
+        self.offline_cache.save_journal(Journal())
 
     async def probe_peers(self: Node) -> None:  # type: ignore[misc]
         snapshot = self.inventory.snapshot

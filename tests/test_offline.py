@@ -90,5 +90,12 @@ def test_database_outage(pg: ThrowawayPostgres, tmp_path: Path) -> None:
         assert {r[0] for r in rows} >= set(MACS[:3])
         servers = json.loads(admin(pg.url, "server", "list", "--json"))
         assert servers[0]["state"] == "up"
+
+        node.stop()  # restarted after the outage: the written-back journal is not replayed
+        node = start_node(tmp_path, "n1", pg.url)
+        time.sleep(2.0)  # four heartbeats
+        assert "inventory sync failed" not in node.log.read_text()
+        servers = json.loads(admin(pg.url, "server", "list", "--json"))
+        assert servers[0]["state"] == "up" and servers[0]["heartbeat_age_s"] < 1.5
     finally:
         node.stop()

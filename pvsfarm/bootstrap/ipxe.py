@@ -68,13 +68,13 @@ def kernel_script(server: str, base_url: str, token: str, vdisk: str, nbd: str, 
     ])
 
 
-def retry_script(reason: str, base_url: str) -> str:
-    """Shown to a target that may not boot (yet): says why, retries after a pause."""
-    return "\n".join([
-        "#!ipxe",
-        f"echo pvsfarm: cannot boot: {_q(reason)}",
-        f"echo pvsfarm: retrying in {RETRY_PAUSE_S} s",
-        f"sleep {RETRY_PAUSE_S}",
-        f"chain {base_url}/boot?mac={MAC_VAR}",
-        "",
-    ])
+def retry_script(reason: str, base_urls: Sequence[str], timeout_ms: int = 5000) -> str:
+    """Shown to a target that may not boot (yet): says why, pauses, then tries
+    the farm's other servers before this one again, so a node that answers
+    but cannot assign never traps a target."""
+    lines = ["#!ipxe", f"echo pvsfarm: cannot boot: {_q(reason)}", f"echo pvsfarm: retrying in {RETRY_PAUSE_S} s",
+             f"sleep {RETRY_PAUSE_S}"]
+    for i, url in enumerate(base_urls):
+        lines += [f"chain --timeout {timeout_ms} {url}/boot?mac={MAC_VAR} && goto done || goto r{i + 1}", f":r{i + 1}"]
+    lines += [f"sleep {RETRY_PAUSE_S}", f"chain {base_urls[-1]}/boot?mac={MAC_VAR}", ":done", ""]
+    return "\n".join(lines)

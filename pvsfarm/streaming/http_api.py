@@ -78,11 +78,18 @@ class HttpApi:
         return self.login.login(mac, self.clock(), resume=request.query.get("resume") if json_api else None,
                                 exclude=exclude)
 
+    def _retry_urls(self) -> list[str]:
+        """The bootstrap's other servers first, this node last."""
+        boot = self.inventory.bootstrap()
+        by_name = {s.name: s for s in self.inventory.servers()}
+        others = [base_url(by_name[n]) for n in boot.servers if n in by_name and n != self.node]
+        return [u for u in others if u != self.self_url] + [self.self_url]
+
     async def boot(self, request: web.Request) -> web.Response:
         try:
             decision = self._decide(request, json_api=False)
         except (LoginRefused, NoServerAvailable) as exc:
-            return web.Response(text=retry_script(str(exc), self.self_url), content_type="text/plain")
+            return web.Response(text=retry_script(str(exc), self._retry_urls()), content_type="text/plain")
         url = base_url(decision.server)
         if decision.vdisk.boot_method is BootMethod.KERNEL:
             nbd = f"{decision.server.address}:{decision.server.nbd_port}"

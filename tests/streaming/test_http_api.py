@@ -135,3 +135,10 @@ def test_unknown_export_is_404(farm: tuple[RunningNode, bytes]) -> None:
         res = curl("-w", "%{http_code}", "-o", "/dev/null", f"{node.url}/vdisk/{token}")
         # "base" by name is the loopback admin path: allowed read-only from 127.0.0.1
         assert res.stdout.decode() == ("200" if token == "base" else "404")
+
+
+def test_retry_script_tries_the_other_servers_before_this_one(farm: tuple[RunningNode, bytes]) -> None:
+    node, _ = farm
+    body = curl(f"{node.url}/boot?mac=52%3A54%3A00%3A00%3A00%3A09").stdout.decode()
+    chains = [line.split()[3].split("/boot")[0] for line in body.splitlines() if line.startswith("chain --timeout")]
+    assert chains == ["http://127.0.0.2:8080", node.url]
