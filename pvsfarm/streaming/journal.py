@@ -105,7 +105,11 @@ def write_batch(session: Session, batch: Journal) -> None:
     devices = _ids(session, Device, Device.mac, {o.mac for o in batch.opened})
     vdisks = _ids(session, VDisk, VDisk.name, {o.vdisk for o in batch.opened})
     servers = _ids(session, Server, Server.name, {o.server for o in batch.opened} | set(batch.moved.values()))
-    opened = [o for o in batch.opened if o.mac in devices and o.vdisk in vdisks and o.server in servers]
+    known = set(session.scalars(select(StreamSession.token).where(
+        StreamSession.token.in_({o.session_id for o in batch.opened})))) if batch.opened else set()
+    # a journal replayed after a crash (written back, not yet cleared) must not insert twice
+    opened = [o for o in batch.opened if o.mac in devices and o.vdisk in vdisks and o.server in servers
+              and o.session_id not in known]
     ended = dict(batch.ended)
     last_open: dict[str, _Open] = {}
     for o in opened:  # a device that logged in twice in one batch: the earlier session ends at the later login

@@ -1,0 +1,50 @@
+"""The session journal's batch flush: idempotent replays, moves, I/O and ends."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from pvsfarm.addr import MacAddress
+from pvsfarm.admin import devices, farm, vdisks
+from pvsfarm.db.engine import make_engine, session_scope
+from pvsfarm.db.migrate import upgrade
+from pvsfarm.db.models import StreamSession
+from pvsfarm.streaming.journal import Journal, live_load, write_batch
+from pvsfarm.views import BootMethod, CacheType, VDiskMode
+
+from sqlalchemy.orm import sessionmaker
+
+
+def test_flush_is_idempotent_and_applies_io_moves_and_ends(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(db_url)
+    upgrade(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    image = tmp_path / "b.img"
+    image.write_bytes(b"\0" * 4096)
+    with session_scope(factory) as s:
+        s1 = farm.ensure_server(s, "s1", "10.0.0.1", http_port=1, nbd_port=2, tftp_port=3)
+        farm.ensure_server(s, "s2", "10.0.0.2", http_port=1, nbd_port=2, tftp_port=3)
+        vdisks.add_vdisk(s, "t", s1, "base", image, tmp_path, mode=VDiskMode.STANDARD,
+                         cache_type=CacheType.SERVER, boot_method=BootMethod.SANBOOT, copy=False)
+        devices.add_device(s, "t", devices.make_spec("52:54:00:00:00:01", "d1", None, None, "base"))
+    mac = str(MacAddress.parse("52:54:00:00:00:01"))
+    j = Journal()
+    j.open("sid1", mac, "base", "s1", 1000.0)
+    batch = j.take()
+    with session_scope(factory) as s:
+        write_batch(s, batch)
+    with session_scope(factory) as s:
+        write_batch(s, batch)  # replayed: no duplicate, no error
+        assert live_load(s, "s1") == 1
+    j.record_io("sid1", 4096, 512, 1001.0)
+    j.move("sid1", "s2")
+    with session_scope(factory) as s:
+        write_batch(s, j.take())
+        row = s.scalar(select(StreamSession))
+        assert (row.bytes_read, row.bytes_written) == (4096, 512)
+        assert live_load(s, "s2") == 1 and live_load(s, "s1") == 0
+    j.end("sid1", 1002.0)
+    with session_scope(factory) as s:
+        write_batch(s, j.take())
+        assert live_load(s, "s2") == 0
+    engine.dispose()
