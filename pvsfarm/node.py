@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from pvsfarm.admin.farm import ensure_server
+from pvsfarm.admin.farm import ensure_server, record_store
 from pvsfarm.admin.node_facts import report_facts
 from pvsfarm.app import App
 from pvsfarm.config import NodeConfig
@@ -81,6 +81,7 @@ class Node(OfflineMixin, HealthMixin):
             server = ensure_server(s, cfg.name, cfg.address, http_port=cfg.http.listen_port,
                                    nbd_port=cfg.nbd.listen_port, tftp_port=cfg.tftp.listen_port)
             server.state, server.heartbeat_at = ServerState.UP, utcnow()
+            record_store(s, server, str(cfg.store_path.resolve()), cfg.store.shared)
             self.inventory.replace(load_snapshot(s))
 
     def sync(self, state: ServerState | None = None) -> None:

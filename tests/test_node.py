@@ -51,4 +51,7 @@ def test_node_starts_on_embedded_default_with_dhcp_off(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'pvsfarm.sqlite'}")
     with engine.connect() as conn:
         state = conn.execute(text("select state from servers")).scalar_one()
+        stores = conn.execute(text("select path, shared, server_id from stores")).all()
     assert state == "down"
+    assert [(p, bool(sh), sid is not None) for p, sh, sid in stores] == [
+        (str((tmp_path / "data" / "store").resolve()), False, True)]

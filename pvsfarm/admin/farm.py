@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from pvsfarm.admin.common import audit, get_server, iso, parse_name
-from pvsfarm.db.models import Bootstrap, BootstrapServer, Server, StreamSession, utcnow
+from pvsfarm.db.models import Bootstrap, BootstrapServer, Server, Store, StreamSession, utcnow
 from pvsfarm.errors import Conflict, InvalidInput
 from pvsfarm.views import BootstrapMode, ServerState
 
@@ -146,3 +146,12 @@ def set_drain(session: Session, actor: str, name: str, drain: bool) -> dict[str,
         server.state = ServerState.UP
     audit(session, actor, "drain" if drain else "undrain", "server", name)
     return server_dict(server, 0, 1e9, utcnow())
+
+
+def record_store(session: Session, server: Server, path: str, shared: bool) -> None:
+    """A node's store: its own row (local), or the one farm-wide row (shared, server NULL)."""
+    owner = None if shared else server.id
+    row = session.scalar(select(Store).where(Store.path == path, Store.server_id.is_(None) if owner is None
+                                             else Store.server_id == owner))
+    if row is None:
+        session.add(Store(server_id=owner, path=path, shared=shared))
