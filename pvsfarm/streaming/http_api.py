@@ -120,7 +120,10 @@ class HttpApi:
         if opened is None:
             raise web.HTTPNotFound(text="unknown export\n")
         try:
-            return await self._serve_range(request, opened.device)
+            response = await self._serve_range(request, opened.device)
+            if opened.on_io is not None and request.method == "GET":
+                opened.on_io(response.content_length or 0, 0)  # sanboot reads count as session I/O
+            return response
         finally:
             opened.device.close()
             if opened.on_close:
