@@ -13,6 +13,7 @@ import gc
 import logging
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ log = logging.getLogger("pvsfarm.node")
 IPXE_LOADERS = (Path("/usr/lib/ipxe/undionly.kpxe"), Path("/usr/lib/ipxe/ipxe.efi"))
 """Debian's ipxe package; copied into the TFTP root when missing there."""
 BOOTSTRAP_NAMES = ("boot.ipxe", "bootstrap.ipxe")
+GIL_SWITCH_INTERVAL_S = 0.001
+"""CPython's default is 5 ms; see run_node (login p99 under load, benchmarks/login_bench.py)."""
 
 
 @dataclass
@@ -277,6 +280,9 @@ def run_node(app: App) -> None:
     except ImportError:
         uvloop = None  # type: ignore[assignment]
     node = Node(app, say=lambda line: print(line, flush=True))
+    # The background sync thread (journal flush, inventory refresh) holds the GIL
+    # in bursts; a shorter switch interval bounds how long the event loop waits.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if uvloop is not None:
         uvloop.run(node.run())
     else:
