@@ -400,7 +400,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--reads", type=int, default=128, help="NBD reads per target")
     ap.add_argument("--read-kib", type=int, default=256, help="bytes per read, KiB")
-    ap.add_argument("--procs", type=int, default=1, help="client processes (targets split between them)")
+    ap.add_argument("--procs", type=int, default=2, help="client processes (targets split between them)")
     ap.add_argument("--stacks", default="pvsfarm,reference")
     ap.add_argument("--budget-s", type=float, default=120.0, help="bound on one storm")
     return ap.parse_args()
