@@ -1,4 +1,8 @@
-"""``pvsfarm demo``: a two-node farm boots three simulated targets, loses a node, keeps going.
+"""``pvsfarm demo``: a two-node farm boots targets, loses a node, keeps going.
+
+With ``qemu-system-x86_64`` (and what the boot artifacts are built from) installed, one QEMU
+VM PXE-boots Linux from the farm and its serving node is killed (`pvsfarm.lab.demo_vm`);
+otherwise, or with ``--simulated``, three simulated targets boot as described below.
 
 Everything lives in network namespaces ``pvsdemo-<hex>-{sw,n1,n2,t1..t3}`` and a
 temporary directory, both removed at the end (nodes and targets stopped by PID
@@ -158,11 +162,15 @@ class Demo:
         self.seg: Segment | None = None
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.targets: list[DemoTarget] = []
+        self.procs: list[subprocess.Popen[Any]] = []
+        """Helpers (the VM path's QEMU and RA sender): killed by PID first in `cleanup`."""
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
 
     def cleanup(self) -> None:
+        for proc in self.procs:
+            _stop(proc, signal.SIGKILL)
         for t in self.targets:
             _stop(t.proc)
         for proc in self.nodes.values():
@@ -185,14 +193,14 @@ class Demo:
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    def start_farm(self) -> None:
+    def start_farm(self, *, targets: bool = True) -> None:
         from pvsfarm.app import App
         from pvsfarm.config import NodeConfig
 
         App(NodeConfig(), self.db_url).upgrade()  # before the nodes: they would race to create it
         self.seg = Segment()
         node_ns = {n: self.seg.host(n, addr=f"{a}/24") for n, a in NODES.items()}
-        self.target_ns = {t: self.seg.host(t, mac=mac) for t, (mac, _ip4) in TARGETS.items()}
+        self.target_ns = {t: self.seg.host(t, mac=mac) for t, (mac, _ip4) in TARGETS.items()} if targets else {}
         self.seg.wait_up()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PVSFARM_")}
         for name, ns in node_ns.items():
@@ -212,18 +220,20 @@ class Demo:
                 raise DemoError(f"node {name} did not start:\n{log.read_text(errors='replace')[-1500:]}")
             time.sleep(0.05)
 
-    def register(self) -> str:
-        """A vDisk of generated data with a verified copy on each node, the targets, the bootstrap."""
+    def register(self, image: Path | None = None, targets: dict[str, tuple[str, str]] = TARGETS,
+                 timeout_ms: int = 1000) -> str:
+        """A vDisk (``image``, or generated data) with a verified copy on each node, the targets, the bootstrap."""
         from pvsfarm.admin import devices, farm, vdisks
         from pvsfarm.app import App
         from pvsfarm.config import NodeConfig
         from pvsfarm.db.engine import session_scope
         from pvsfarm.views import BootMethod, CacheType, VDiskMode
 
-        image = self.tmp / "demo.img"
-        seed = hashlib.sha256(b"pvsfarm demo").digest()
-        image.write_bytes(b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
-                                   for i in range(IMAGE_BYTES // 32)))
+        if image is None:
+            image = self.tmp / "demo.img"
+            seed = hashlib.sha256(b"pvsfarm demo").digest()
+            image.write_bytes(b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
+                                       for i in range(IMAGE_BYTES // 32)))
         digest = hashlib.sha256(image.read_bytes()).hexdigest()
         app = App(dataclasses.replace(NodeConfig(), name="n1"), self.db_url, actor="pvsfarm-demo")
         try:
@@ -235,13 +245,14 @@ class Demo:
             shutil.copyfile(image, copy)
             with session_scope(app.sessions()) as s:
                 vdisks.add_copy(s, app.actor, "demo", "n2", copy)
-                for name, (mac, ip4) in TARGETS.items():
+                for name, (mac, ip4) in targets.items():
                     devices.add_device(s, app.actor, devices.make_spec(mac, name, ip4, None, "demo"))
-                farm.configure_bootstrap(s, app.actor, list(NODES), 1000, None)
+                farm.configure_bootstrap(s, app.actor, list(NODES), timeout_ms, None)
         finally:
             app.close()
-        self.tl.now("farm", f"vDisk demo ({IMAGE_BYTES >> 20} MiB, sha256 {digest[:12]}…) verified on n1 and n2; "
-                            f"targets {', '.join(TARGETS)} registered; bootstrap lists n1, n2")
+        self.tl.now("farm", f"vDisk demo ({image.stat().st_size >> 20} MiB, sha256 {digest[:12]}…) verified on n1 "
+                            f"and n2; {', '.join(f'{t} ({mac})' for t, (mac, _a) in targets.items())} registered; "
+                            "bootstrap lists n1, n2")
         time.sleep(1.2)  # both nodes re-read the inventory every heartbeat (0.5 s)
         return digest
 
@@ -379,16 +390,28 @@ def check_prerequisites() -> None:
         raise DemoError("pvsfarm demo needs iproute2's `ip` (apt-get install iproute2)")
 
 
-def run_demo(say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole demo; returns a summary (also printed through ``say``)."""
+def run_demo(say: Callable[[str], None] = print, *, simulated: bool = False) -> dict[str, Any]:
+    """Run the whole demo; returns a summary (also printed through ``say``). A QEMU VM boots when
+    qemu-system-x86_64 and the boot artifacts are available (and not ``simulated``)."""
     check_prerequisites()
+    art = None
+    if not simulated:
+        from pvsfarm.lab import demo_vm
+
+        art = demo_vm.artifacts_or_why(say)
+        if isinstance(art, str):
+            say(f"  (no QEMU VM: {art}; booting simulated targets instead)")
+            art = None
     demo = Demo(say)
-    say("pvsfarm demo: two nodes sharing one farm database (embedded SQLite), three simulated targets")
-    if shutil.which("qemu-system-x86_64"):
-        say("  (qemu-system-x86_64 is installed; the QEMU VM boots are in the e2e tests: ./tools/test.sh)")
+    if art is not None:
+        say("pvsfarm demo: two nodes sharing one farm database (embedded SQLite), one QEMU VM")
+    else:
+        say("pvsfarm demo: two nodes sharing one farm database (embedded SQLite), three simulated targets")
     say(f"  namespaces {PREFIX}-*, files in {demo.tmp}; all removed at the end\n")
     try:
         with _terminating():
+            if art is not None:
+                return demo_vm.run_vm(demo, art)
             demo.start_farm()
             digest = demo.register()
             demo.boot_targets(digest)
@@ -419,6 +442,10 @@ def _finish(demo: Demo, reports: list[dict[str, Any]], victim: str, killed_at: f
 
 
 @click.command("demo")
-def demo() -> None:
-    """Watch a two-node farm boot targets and survive losing a node (root; < 60 s; cleans up)."""
-    run_demo(click.echo)
+@click.option("--simulated", is_flag=True, help="Boot simulated targets even when QEMU is installed.")
+def demo(simulated: bool) -> None:
+    """Watch a two-node farm boot targets and survive losing a node (root; cleans up).
+
+    With qemu-system-x86_64 installed, a QEMU VM PXE-boots Linux from the farm (< 90 s);
+    otherwise (or with --simulated) three simulated targets boot (< 60 s)."""
+    run_demo(click.echo, simulated=simulated)

@@ -30,7 +30,8 @@ def test_demo_boots_fails_over_and_cleans_up() -> None:
     before = demo_namespaces()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PVSFARM_")}
     start = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "pvsfarm", "demo"], capture_output=True, text=True, timeout=90,
+    res = subprocess.run([sys.executable, "-m", "pvsfarm", "demo", "--simulated"], capture_output=True, text=True,
+                         timeout=90,
                          env=env, cwd=ROOT)
     elapsed = time.monotonic() - start
     out = res.stdout

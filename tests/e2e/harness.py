@@ -3,7 +3,7 @@ one bridged segment, a throwaway PostgreSQL cluster the tests may stop, an
 IPv6 router advertiser, and QEMU targets on taps in the bridge's namespace.
 
 Topology: namespace ``sw`` holds bridge br0 (no address), the taps of the VMs
-and the RA sender (``ra.py``); ``s1``/``s2`` hold the nodes (10.77.0.1/.2, DHCP
+and the RA sender (``pvsfarm/lab/ra.py``); ``s1``/``s2`` hold the nodes (10.77.0.1/.2, DHCP
 on their eth0). QEMU runs inside ``sw`` (a tap is looked up by name in the
 caller's namespace). The nodes reach PostgreSQL over its Unix socket in /tmp
 (the filesystem is shared across namespaces, loopback TCP is not).
@@ -28,10 +28,10 @@ from pathlib import Path
 import psycopg
 
 from benchmarks.pg import ThrowawayPostgres
+from pvsfarm.lab import RA_SCRIPT
 from tests.e2e.artifacts import BootArtifacts
 from tests.netns import NsNode, Segment, admin, clean_env, ip, start_ns_node, wait_log
 
-HERE = Path(__file__).resolve().parent
 SUBNET = "10.77.0.0/24"
 SERVERS = {"n1": "10.77.0.1", "n2": "10.77.0.2"}
 HTTP_PORT, NBD_PORT = 8080, 10809
@@ -177,7 +177,7 @@ class E2EFarm:
         self.seg = Segment(prefix="pvst-e2e")
         self.server_ns = {n: self.seg.host(f"s{n[1:]}", addr=f"{a}/24") for n, a in SERVERS.items()}
         with (self.tmp / "ra.log").open("wb") as out:
-            self.ra = subprocess.Popen(["ip", "netns", "exec", self.seg.sw, sys.executable, str(HERE / "ra.py"),
+            self.ra = subprocess.Popen(["ip", "netns", "exec", self.seg.sw, sys.executable, str(RA_SCRIPT),
                                         "br0"], stdout=out, stderr=subprocess.STDOUT, env=clean_env())
         for name in SERVERS:
             self.start_node(name)
