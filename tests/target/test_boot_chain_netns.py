@@ -19,30 +19,23 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
-import yaml
-from click.testing import CliRunner
 
-from pvsfarm.cli import cli
-from pvsfarm.commands import register
+from tests.netns import (ROOT, NsNode, Segment, admin, clean_env, farm_db, run_target, start_ns_node,  # noqa: F401
+                         target_cmd, wait_log)
 
-register(cli)
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.postgres,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 `ip` is missing"),
 ]
-ROOT = Path(__file__).resolve().parents[2]
 MAC, RESERVED = "52:54:00:77:00:50", "10.77.0.50"
 UNKNOWN_MAC = "52:54:00:77:00:99"
 SERVERS = {"n1": "10.77.0.1", "n2": "10.77.0.2"}
@@ -50,131 +43,13 @@ HTTP_PORT, NBD_PORT = 8080, 10809
 IMAGE_BYTES = 4 << 20
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def _wait_up(ns: str, ifname: str, timeout_s: float = 5.0) -> None:
-    """operstate UP: until linkwatch attaches the qdisc (~1 s), frames are dropped."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname],
-                             check=True, capture_output=True, text=True).stdout
-        if json.loads(out)[0].get("operstate") == "UP":
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{ns}/{ifname} did not come up")
-
-
-class Segment:
-    """Namespaces ``pvst-boot-<hex>-<role>`` bridged on one Ethernet segment."""
-
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex[:6]
-        self.namespaces: list[str] = []
-        self.sw = self._netns("sw")
-        ip("-n", self.sw, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "stp_state", "0")
-        ip("-n", self.sw, "link", "set", "br0", "up")
-
-    def _netns(self, role: str) -> str:
-        name = f"pvst-boot-{self.tag}-{role}"
-        ip("netns", "add", name)
-        self.namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def host(self, role: str, *, mac: str | None = None, addr: str | None = None) -> str:
-        ns = self._netns(role)
-        port = f"p-{role}"[:15]
-        ip("-n", self.sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("-n", self.sw, "link", "set", port, "master", "br0", "up")
-        if mac:
-            ip("-n", ns, "link", "set", "eth0", "address", mac)
-        if addr:
-            ip("-n", ns, "addr", "add", addr, "dev", "eth0")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        _wait_up(ns, "eth0")
-        _wait_up(self.sw, port)
-        return ns
-
-    def delete(self) -> None:
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-
-
-@dataclass
-class NsNode:
-    name: str
-    ns: str
-    proc: subprocess.Popen[bytes]
-    config: Path
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PVSFARM_")}
-
-
 def start_node(tmp: Path, name: str, ns: str, db_url: str) -> NsNode:
-    addr = SERVERS[name]
-    cfg = {
-        "name": name, "address": addr, "data_dir": str(tmp / name), "database_url": db_url,
-        "heartbeat_interval_s": 0.5, "dead_after_s": 3.0,
-        "http": {"listen_address": addr, "listen_port": HTTP_PORT},
-        "nbd": {"listen_address": addr, "listen_port": NBD_PORT},
-        "tftp": {"listen_address": addr, "listen_port": 69},
-        "dhcp": {"interface": "eth0", "server_ip": addr, "subnet": "10.77.0.0/24"},
-    }
-    config, log = tmp / f"{name}.yaml", tmp / f"{name}.log"
-    config.write_text(yaml.safe_dump(cfg))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "pvsfarm", "--config",
-                                 str(config), "node"], stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
-    return NsNode(name, ns, proc, config, log)
+    return start_ns_node(tmp, name, ns, SERVERS[name], "10.77.0.0/24", db_url,
+                         http_port=HTTP_PORT, nbd_port=NBD_PORT)
 
 
 def wait_ready(node: NsNode, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = node.log.read_text()
-        if "node ready" in text:
-            return
-        if node.proc.poll() is not None:
-            raise AssertionError(f"node {node.name} exited: {text}")
-        time.sleep(0.1)
-    raise AssertionError(f"node {node.name} not ready: {node.log.read_text()}")
-
-
-def admin(db_url: str, *args: str, config: Path | None = None) -> str:
-    head = ["--config", str(config)] if config else []
-    result = CliRunner().invoke(cli, [*head, "--db", db_url, *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def farm_db(postgresql_proc) -> Iterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    """(TCP URL for the admin CLI here, Unix-socket URL for the nodes in their namespaces)."""
-    p = postgresql_proc
-    name = f"pvsfarm_boot_{uuid.uuid4().hex[:8]}"
-    dsn = f"host={p.host} port={p.port} user={p.user} dbname=postgres"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield (f"postgresql+psycopg2://{p.user}@{p.host}:{p.port}/{name}",
-               f"postgresql+psycopg2://{p.user}@/{name}?host={p.unixsocketdir}&port={p.port}")
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    wait_log(node, "node ready", timeout_s)
 
 
 @dataclass
@@ -194,7 +69,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory, farm_db: tuple[str, str]) -> 
     image = tmp / "base.img"
     image.write_bytes(os.urandom(IMAGE_BYTES))
     admin(tcp_url, "db", "upgrade")
-    seg, nodes = Segment(), {}
+    seg, nodes = Segment("pvst-boot"), {}
     try:
         server_ns = {n: seg.host(n.replace("n", "s"), addr=f"{a}/24") for n, a in SERVERS.items()}
         client, stranger = seg.host("cli", mac=MAC), seg.host("unk", mac=UNKNOWN_MAC)
@@ -213,19 +88,6 @@ def farm(tmp_path_factory: pytest.TempPathFactory, farm_db: tuple[str, str]) -> 
         for node in nodes.values():
             node.stop()
         seg.delete()
-
-
-def target_cmd(ns: str, mac: str, *args: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "pvsfarm", "target", "--mac", mac,
-            "--iface", "eth0", "--json", *args]
-
-
-def run_target(ns: str, mac: str, *args: str, timeout_s: float = 60) -> tuple[int, dict, str, float]:
-    start = time.monotonic()
-    res = subprocess.run(target_cmd(ns, mac, *args), capture_output=True, text=True, timeout=timeout_s,
-                         env=_env(), cwd=ROOT)
-    report = json.loads(res.stdout) if res.stdout.strip() else {}
-    return res.returncode, report, res.stderr, time.monotonic() - start
 
 
 def test_target_boots_the_whole_chain(farm: Farm) -> None:
@@ -267,7 +129,7 @@ def _kill_when_streaming(proc: subprocess.Popen[str], nodes: dict[str, NsNode], 
 def test_target_fails_over_when_its_server_is_killed(farm: Farm) -> None:
     proc = subprocess.Popen(target_cmd(farm.client, MAC, "--verify-sha256", farm.digest, "--read-kib", "128",
                                        "--read-delay-ms", "40"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
     lines: list[str] = []
 
     def read_stderr() -> None:
