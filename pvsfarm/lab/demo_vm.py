@@ -40,6 +40,7 @@ QEMU_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
 """virtio-net-pci's default option ROM (Debian's ipxe-qemu), found by QEMU on its firmware path."""
 MARKER = re.compile(r"^pvsfarm-agent: MARKER sha256=([0-9a-f]{64}) server=(n\d) read=(\d+)", re.M)
 NO_BOOT = re.compile(r"No bootable device|Nothing to boot|Kernel panic|pvsfarm-agent: FATAL", re.M)
+_NEXT_SERVER = re.compile(r"^Next server: (\S+)", re.M)
 _ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_c])")
 
 
@@ -109,22 +110,26 @@ class SerialWatch:
     def poll(self) -> str:
         """New landmarks, in console order (the timeline's sort is stable on time)."""
         text, now = self.text(), time.monotonic()
+        full = text
+        text = text[: text.rfind("\n") + 1]  # complete lines only: the console is written as it goes
         new = []
         for key, regex in RULES:
             for m in regex.finditer(text):
+                if key == "dhcp" and not _NEXT_SERVER.search(text, m.end()):
+                    continue  # iPXE prints "Next server:" just after the lease: wait for it (next poll)
                 if (key, m.start()) not in self.seen and (key in REPEATING or m.start() == regex.search(text).start()):
                     self.seen.add((key, m.start()))
                     new.append((m.start(), key, m))
         for _start, key, m in sorted(new, key=lambda x: x[0]):
             self._event(key, m, text, now)
-        return text
+        return full
 
     def _event(self, key: str, m: re.Match[str], text: str, now: float) -> None:
         say = self.demo.tl.at
         if key == "ipxe":
             say(now, VM_NAME, "iPXE (the NIC's option ROM) starts: DHCP on net0")
         elif key == "dhcp":
-            nxt = re.search(r"^Next server: (\S+)", text[m.end():], re.M)
+            nxt = _NEXT_SERVER.search(text, m.end())
             lease = m.group(1)
             server = self.node(nxt.group(1)) if nxt else "?"
             say(now, VM_NAME, f"DHCP   lease {lease} from {server} (iPXE; offer's next-server {server})")
