@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ import click
 import yaml
 
 from pvsfarm.errors import PvsfarmError
+from pvsfarm.lab.netns import Segment
 
 PREFIX = "pvsdemo"
 SUBNET = "10.79.0.0/24"
@@ -70,59 +70,6 @@ class Timeline:
         """Record, and show as progress (the timeline is printed in order at the end)."""
         self.at(time.monotonic(), who, what)
         self.say(f"  ... {who}: {what}")
-
-
-def _ip(*args: str) -> None:
-    res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
-    if res.returncode != 0:
-        raise DemoError(f"ip {' '.join(args)}: {res.stderr.strip()}")
-
-
-class Segment:
-    """One bridge (in ``<prefix>-sw``) and a namespace per host plugged into it."""
-
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex[:6]
-        self.namespaces: list[str] = []
-        self.sw = self._netns("sw")
-        _ip("-n", self.sw, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "stp_state", "0")
-        _ip("-n", self.sw, "link", "set", "br0", "up")
-
-    def _netns(self, role: str) -> str:
-        name = f"{PREFIX}-{self.tag}-{role}"
-        _ip("netns", "add", name)
-        self.namespaces.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def host(self, role: str, *, mac: str | None = None, addr: str | None = None) -> str:
-        ns = self._netns(role)
-        _ip("-n", self.sw, "link", "add", f"p-{role}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("-n", self.sw, "link", "set", f"p-{role}", "master", "br0", "up")
-        if mac:
-            _ip("-n", ns, "link", "set", "eth0", "address", mac)
-        if addr:
-            _ip("-n", ns, "addr", "add", addr, "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        return ns
-
-    def wait_up(self, timeout_s: float = 5.0) -> None:
-        """operstate UP everywhere: until linkwatch attaches the qdisc (~1 s), frames are dropped."""
-        deadline = time.monotonic() + timeout_s
-        for ns in self.namespaces[1:]:
-            while True:
-                out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", "eth0"], capture_output=True,
-                                     text=True, timeout=10).stdout
-                if json.loads(out or "[{}]")[0].get("operstate") == "UP":
-                    break
-                if time.monotonic() > deadline:
-                    raise DemoError(f"{ns}/eth0 did not come up")
-                time.sleep(0.02)
-
-    def delete(self) -> None:
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-        self.namespaces.clear()
 
 
 def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
@@ -198,10 +145,10 @@ class Demo:
         from pvsfarm.config import NodeConfig
 
         App(NodeConfig(), self.db_url).upgrade()  # before the nodes: they would race to create it
-        self.seg = Segment()
+        self.seg = Segment(PREFIX, wait_each=False)
         node_ns = {n: self.seg.host(n, addr=f"{a}/24") for n, a in NODES.items()}
         self.target_ns = {t: self.seg.host(t, mac=mac) for t, (mac, _ip4) in TARGETS.items()} if targets else {}
-        self.seg.wait_up()
+        self.seg.wait_up_all()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PVSFARM_")}
         for name, ns in node_ns.items():
             log = (self.tmp / f"{name}.log").open("wb")

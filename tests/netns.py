@@ -23,62 +23,11 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from click.testing import CliRunner
+
+from pvsfarm.lab.netns import Segment, ip, wait_up  # noqa: F401 - the product's segment, shared with the demo
+from tests.nodes import admin  # noqa: F401 - one in-process admin CLI for every test
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def wait_up(ns: str, ifname: str, timeout_s: float = 5.0) -> None:
-    """operstate UP: until linkwatch attaches the qdisc (~1 s), frames are dropped."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname],
-                             check=True, capture_output=True, text=True).stdout
-        if json.loads(out)[0].get("operstate") == "UP":
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{ns}/{ifname} did not come up")
-
-
-class Segment:
-    """Namespaces ``<prefix>-<hex>-<role>`` bridged on one Ethernet segment (bridge in ``sw``)."""
-
-    def __init__(self, prefix: str = "pvst-ns") -> None:
-        self.prefix, self.tag = prefix, uuid.uuid4().hex[:6]
-        self.namespaces: list[str] = []
-        self.sw = self._netns("sw")
-        ip("-n", self.sw, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "stp_state", "0")
-        ip("-n", self.sw, "link", "set", "br0", "up")
-
-    def _netns(self, role: str) -> str:
-        name = f"{self.prefix}-{self.tag}-{role}"
-        ip("netns", "add", name)
-        self.namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def host(self, role: str, *, mac: str | None = None, addr: str | None = None) -> str:
-        """A namespace whose eth0 is plugged into the bridge."""
-        ns = self._netns(role)
-        port = f"p-{role}"[:15]
-        ip("-n", self.sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("-n", self.sw, "link", "set", port, "master", "br0", "up")
-        if mac:
-            ip("-n", ns, "link", "set", "eth0", "address", mac)
-        if addr:
-            ip("-n", ns, "addr", "add", addr, "dev", "eth0")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        wait_up(ns, "eth0")
-        wait_up(self.sw, port)
-        return ns
-
-    def delete(self) -> None:
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
 @dataclass
@@ -143,17 +92,6 @@ def wait_log(node: NsNode, needle: str, timeout_s: float = 30) -> float:
             raise AssertionError(f"node {node.name} exited: {text}")
         time.sleep(0.05)
     raise AssertionError(f"{needle!r} not in node {node.name}'s log: {node.log.read_text()}")
-
-
-def admin(db_url: str, *args: str, config: Path | None = None) -> str:
-    from pvsfarm.cli import cli
-    from pvsfarm.commands import register
-
-    register(cli)
-    head = ["--config", str(config)] if config else []
-    result = CliRunner().invoke(cli, [*head, "--db", db_url, *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

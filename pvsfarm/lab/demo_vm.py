@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pvsfarm.lab import RA_SCRIPT
 from pvsfarm.lab.artifacts import BootArtifacts, Unavailable, build_all, missing_tools
+from pvsfarm.lab.netns import ip
 
 if TYPE_CHECKING:
     from pvsfarm.demo import Demo
@@ -188,12 +189,11 @@ REPEATING = {"nbd", "read_failed", "relogin", "marker"}
 
 
 def _power_on(demo: Demo) -> tuple[subprocess.Popen[bytes], Path]:
-    from pvsfarm.demo import _ip
 
     assert demo.seg is not None
     sw, tap = demo.seg.sw, f"tap-{VM_NAME}"
-    _ip("-n", sw, "tuntap", "add", "dev", tap, "mode", "tap")
-    _ip("-n", sw, "link", "set", tap, "master", "br0", "up")
+    ip("-n", sw, "tuntap", "add", "dev", tap, "mode", "tap")
+    ip("-n", sw, "link", "set", tap, "master", "br0", "up")
     serial = demo.tmp / f"{VM_NAME}.serial"
     argv = ["ip", "netns", "exec", sw, "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
             # -nographic: only then SeaBIOS and iPXE mirror their text to the serial port

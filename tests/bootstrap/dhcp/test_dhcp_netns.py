@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import json
 import os
 import shutil
 import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +30,7 @@ from pvsfarm.bootstrap.dhcp.session import DhcpSettings
 from pvsfarm.bootstrap.dhcp.wire import (
     DhcpMessage, MessageType as MT, Op, parse, serialize,
 )
+from pvsfarm.lab.netns import Segment
 from pvsfarm.views import DeviceView
 
 pytestmark = [
@@ -61,10 +59,6 @@ class Inventory:
 INVENTORY = Inventory(DeviceView(MAC, "target1", A("10.88.0.50"), "lab", "win", True))
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @contextmanager
 def in_netns(name: str) -> Iterator[None]:
     """Run the block with this thread inside netns ``name`` (sockets made
@@ -85,62 +79,9 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(target)
 
 
-def _wait_up(ns: str, ifname: str, timeout_s: float = 5.0) -> None:
-    """Wait for operstate UP. Linux attaches the real qdisc from linkwatch,
-    up to ~1 s after ``link set up``; until then sent frames are dropped."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname],
-                             check=True, capture_output=True, text=True).stdout
-        if json.loads(out)[0].get("operstate") == "UP":
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{ns}/{ifname} did not come up")
-
-
-class Segment:
-    """One bridged Ethernet segment made of namespaces."""
-
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex[:6]
-        self.namespaces: list[str] = []
-        self.sw = self._netns("sw")
-        ip("-n", self.sw, "link", "add", "br0", "type", "bridge",
-           "forward_delay", "0", "stp_state", "0")
-        ip("-n", self.sw, "link", "set", "br0", "up")
-
-    def _netns(self, role: str) -> str:
-        name = f"pvst-dhcp-{self.tag}-{role}"
-        ip("netns", "add", name)
-        self.namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def host(self, role: str, *, mac: MacAddress | None = None,
-             addr: str | None = None) -> str:
-        """A namespace with ``eth0`` on the bridge."""
-        ns = self._netns(role)
-        port = f"p-{role}"[:15]
-        ip("-n", self.sw, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-           "netns", ns)
-        ip("-n", self.sw, "link", "set", port, "master", "br0", "up")
-        if mac is not None:
-            ip("-n", ns, "link", "set", "eth0", "address", str(mac))
-        if addr is not None:
-            ip("-n", ns, "addr", "add", addr, "dev", "eth0")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        _wait_up(ns, "eth0")
-        _wait_up(self.sw, port)
-        return ns
-
-    def delete(self) -> None:
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
 @pytest.fixture
 def segment() -> Iterator[Segment]:
-    seg = Segment()
+    seg = Segment("pvst-dhcp")
     try:
         yield seg
     finally:
