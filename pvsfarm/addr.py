@@ -1,7 +1,8 @@
-"""Value classes for link-layer addresses (never loose strings)."""
+"""Address value classes (never loose strings) and address predicates."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -44,3 +45,15 @@ class MacAddress:
 
     def __str__(self) -> str:
         return ":".join(f"{b:02x}" for b in self.packed)
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))

@@ -11,7 +11,6 @@ refused (403) to any peer that is not on loopback, whatever the config.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -19,21 +18,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from pvsfarm.addr import is_loopback
+
 log = logging.getLogger("pvsfarm.faults")
 PATH = "/admin/fault"
 STATES = {"down": True, "up": False}
-
-
-def is_loopback(address: str | None) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback."""
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def _peer_host(request: web.Request) -> str | None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from pvsfarm.faults import FaultSwitch, is_loopback
+from pvsfarm.addr import is_loopback
+from pvsfarm.faults import FaultSwitch
 from pvsfarm.health import HealthState, dhcp_switch
 from pvsfarm.probes import HealthMonitor, node_probes, quiet_tftp_logs
 

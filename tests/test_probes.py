@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from pvsfarm.bootstrap.tftp.server import TftpSettings, start_tftp_server
-from pvsfarm.faults import FaultSwitch, is_loopback
+from pvsfarm.addr import is_loopback
+from pvsfarm.faults import FaultSwitch
 from pvsfarm.health import ProbeResult
 from pvsfarm.probes import HealthMonitor, QuietProbes, connect_host, probe_http, probe_nbd, probe_tftp
 from pvsfarm.streaming.nbd import DictResolver, start_nbd_server

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 from pvsfarm.admin.common import audit, get_server, get_vdisk, iso, parse_name
 from pvsfarm.db.models import Device, Server, VDisk, VDiskCopy, utcnow
 from pvsfarm.errors import Conflict, InvalidInput, StoreError
+from pvsfarm.store.digest import sha256_file
 from pvsfarm.views import BootMethod, CacheType, CopyState, VDiskMode
 
 Progress = Callable[[int, int], None]
@@ -44,17 +44,8 @@ def check_image(path: Path) -> int:
 
 
 def digest_file(path: Path, progress: Progress | None = None) -> str:
-    """``sha256:<hex>`` of a file, streamed in 1 MiB chunks."""
-    h = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-    return "sha256:" + h.hexdigest()
+    """``sha256:<hex>`` of a file: the store's digest, with the prefix the database records."""
+    return "sha256:" + sha256_file(path, progress)
 
 
 def copy_into_store(src: Path, dst: Path, progress: Progress | None = None) -> None:

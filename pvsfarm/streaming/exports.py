@@ -12,7 +12,6 @@ target's NBD connections and its HTTP sanboot reads see the same write cache.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pvsfarm.addr import is_loopback
 from pvsfarm.errors import Conflict, PvsfarmError
 from pvsfarm.streaming.assign import is_live
 from pvsfarm.store import BaseImage, PrivateImage, SharedDevice, WriteCache
@@ -65,13 +65,6 @@ def copy_sparse(src: Path, dst: Path) -> None:
         fout.truncate(size)
         fout.flush()
         os.fsync(fout.fileno())
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

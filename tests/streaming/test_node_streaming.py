@@ -11,30 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
-from pvsfarm.cli import cli
-from pvsfarm.commands import register
 from tests.conftest import have
-from tests.nodes import RunningNode, start_node
+from tests.nodes import RunningNode, admin, start_node
 
-register(cli)
 pytestmark = pytest.mark.skipif(not (have("nbdinfo") and have("nbdcopy") and have("qemu-io")),
                                 reason="needs libnbd-bin and qemu-utils")
 MAC = "52:54:00:12:34:56"
 IMAGE_BYTES = 256 * 1024 * 1024
-
-
-def admin(db_url: str, *args: str) -> str:
-    """`pvsfarm --db URL [--config NODE.yaml] ...`: a node's own config names the server holding copies."""
-    if args[0] == "--config":
-        args = ("--config", args[1], "--db", db_url, *args[2:])
-    else:
-        args = ("--db", db_url, *args)
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
 
 
 def sha256(path: Path) -> str:
@@ -60,7 +45,7 @@ def farm(tmp_path: Path, sqlite_url: str, base_image: Path) -> Iterator[tuple[Ru
     image = base_image
     node = start_node(tmp_path, "n1", sqlite_url)
     try:
-        admin(sqlite_url, "--config", str(node.config), "vdisk", "add", "base", "--file", str(image), "--no-copy")
+        admin(sqlite_url, "vdisk", "add", "base", "--file", str(image), "--no-copy", config=node.config)
         admin(sqlite_url, "device", "add", "--mac", MAC, "--name", "t1", "--vdisk", "base")
         admin(sqlite_url, "bootstrap", "configure", "--server", "n1")
         yield node, sqlite_url, image
