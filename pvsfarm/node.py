@@ -31,13 +31,13 @@ from pvsfarm.config import NodeConfig
 from pvsfarm.db.engine import session_scope
 from pvsfarm.db.models import Server, utcnow
 from pvsfarm.db.notify import Listener
-from pvsfarm.db.snapshot import MemoryInventory, load_snapshot
+from pvsfarm.db.snapshot import MemoryInventory, load_snapshot, open_sessions_by_server
 from pvsfarm.node_health import HealthMixin
 from pvsfarm.node_offline import OfflineMixin
 from pvsfarm.errors import DatabaseUnavailable, PvsfarmError
 from pvsfarm.streaming.exports import Exports
 from pvsfarm.streaming.http_api import HttpApi
-from pvsfarm.streaming.journal import Journal, live_load, write_batch
+from pvsfarm.streaming.journal import Journal, write_batch
 from pvsfarm.store.replicate import add_peer_routes, replicator_for
 from pvsfarm.streaming.login import LoginService
 from pvsfarm.views import ServerState
@@ -99,16 +99,17 @@ class Node(OfflineMixin, HealthMixin):
             raise
         with session_scope(self.app.sessions()) as s:
             server = s.scalar(select(Server).where(Server.name == self.cfg.name))
+            loads = open_sessions_by_server(s)
             if server is not None:
                 server.heartbeat_at = utcnow()
-                server.load = live_load(s, self.cfg.name)
+                server.load = loads.get(server.id, 0)
                 server.health = self.health.summary()
                 if state is not None:
                     server.state = state
                 elif server.state is ServerState.DOWN:
                     server.state = ServerState.UP  # e.g. started while the database was down
             s.flush()
-            snapshot = load_snapshot(s, self.inventory.snapshot)
+            snapshot = load_snapshot(s, self.inventory.snapshot, loads)
             if server is not None:
                 report_facts(server, self.cfg, snapshot.generation, self._saved[1])
         self.inventory.replace(snapshot)

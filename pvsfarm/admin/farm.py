@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from pvsfarm.admin.common import audit, get_server, iso, parse_name
-from pvsfarm.db.models import Bootstrap, BootstrapServer, Server, Store, StreamSession, utcnow
+from pvsfarm.db.models import Bootstrap, BootstrapServer, Server, Store, utcnow
+from pvsfarm.db.snapshot import open_sessions_by_server
 from pvsfarm.errors import Conflict, InvalidInput
 from pvsfarm.views import BootstrapMode, ServerState
 
@@ -67,13 +68,7 @@ def add_server(session: Session, actor: str, name: str, address: str, ports: dic
 
 
 def list_servers(session: Session, dead_after_s: float) -> list[dict[str, Any]]:
-    counts = dict(
-        session.execute(
-            select(StreamSession.server_id, func.count())
-            .where(StreamSession.ended_at.is_(None))
-            .group_by(StreamSession.server_id)
-        ).all()
-    )
+    counts = open_sessions_by_server(session)
     now = utcnow()
     servers = session.scalars(select(Server).order_by(Server.name))
     return [server_dict(s, counts.get(s.id, 0), dead_after_s, now) for s in servers]

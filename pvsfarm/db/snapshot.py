@@ -84,13 +84,19 @@ def generation(session: Session) -> int:
     return int(row.value) if row is not None else 0
 
 
-def _servers(session: Session) -> tuple[ServerView, ...]:
+def open_sessions_by_server(session: Session) -> dict[int, int]:
+    """server id → open stream sessions: every server's load, in one grouped query."""
+    rows = session.execute(select(StreamSession.server_id, func.count())
+                           .where(StreamSession.ended_at.is_(None)).group_by(StreamSession.server_id))
+    return {server_id: count for server_id, count in rows}
+
+
+def _servers(session: Session, loads: dict[int, int] | None = None) -> tuple[ServerView, ...]:
     """Loads are counted from the open sessions, not read from ``servers.load``: that column
     is written by each server for itself, once a heartbeat, so it lags the sessions a peer
-    just assigned to it (boot storm: 500 logins on n1 ended 222/278 on n1/n2)."""
-    live = dict(session.execute(
-        select(StreamSession.server_id, func.count()).where(StreamSession.ended_at.is_(None))
-        .group_by(StreamSession.server_id)).all())
+    just assigned to it (boot storm: 500 logins on n1 ended 222/278 on n1/n2). ``loads``:
+    the counts when the caller already has them (`open_sessions_by_server`)."""
+    live = open_sessions_by_server(session) if loads is None else loads
     return tuple(
         ServerView(s.name, s.address, s.http_port, s.nbd_port, s.tftp_port, s.state, epoch(s.heartbeat_at),
                    live.get(s.id, 0), s.health or "ok")
@@ -98,17 +104,18 @@ def _servers(session: Session) -> tuple[ServerView, ...]:
     )
 
 
-def load_snapshot(session: Session, previous: Snapshot | None = None) -> Snapshot:
+def load_snapshot(session: Session, previous: Snapshot | None = None,
+                  loads: dict[int, int] | None = None) -> Snapshot:
     """A fresh snapshot; servers (liveness, load) are always re-read, the rest
     only when the inventory generation moved since ``previous``."""
     gen = generation(session)
     if previous is not None and previous.generation == gen:
-        return replace(previous, servers=_servers(session))
+        return replace(previous, servers=_servers(session, loads))
     vdisks = {
         v.name: VDiskView(v.name, v.size_bytes, v.mode, v.cache_type, v.digest, v.boot_method)
         for v in session.scalars(select(VDisk))
     }
-    servers = _servers(session)
+    servers = _servers(session, loads)
     copies: dict[str, list[CopyView]] = {}
     stmt = select(VDiskCopy).options(joinedload(VDiskCopy.vdisk), joinedload(VDiskCopy.server))
     for c in session.scalars(stmt):

@@ -12,10 +12,11 @@ import datetime as dt
 import threading
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from pvsfarm.db.models import Device, Server, StreamSession, VDisk
+from pvsfarm.db.snapshot import open_sessions_by_server
 
 
 @dataclass
@@ -145,8 +146,6 @@ def _bulk_update(session: Session, rows: list[dict[str, object]], **values: obje
 
 
 def live_load(session: Session, server_name: str) -> int:
-    """Open stream sessions on a server (its load)."""
-    return session.scalar(
-        select(func.count()).select_from(StreamSession).join(Server, Server.id == StreamSession.server_id)
-        .where(Server.name == server_name, StreamSession.ended_at.is_(None))
-    ) or 0
+    """Open stream sessions on one server (its load)."""
+    server_id = session.scalar(select(Server.id).where(Server.name == server_name))
+    return open_sessions_by_server(session).get(server_id, 0) if server_id is not None else 0
