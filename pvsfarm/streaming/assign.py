@@ -43,14 +43,20 @@ def eligible(
     exclude: frozenset[str] = frozenset(),
 ) -> list[ServerView]:
     """Rules 1-4, in bootstrap order (listed) or by name (live)."""
-    by_name = {s.name: s for s in servers}
+    verified = {c.server for c in copies if c.vdisk == vdisk.name and c.state is CopyState.VERIFIED
+                and c.digest == vdisk.digest}
+    return [s for s in _live_pool(servers, bootstrap, now, dead_after_s, exclude) if s.name in verified]
+
+
+def _live_pool(servers: Sequence[ServerView], bootstrap: BootstrapView, now: float, dead_after_s: float,
+               exclude: frozenset[str]) -> list[ServerView]:
+    """Rules 1, 2 and 4: the bootstrap's servers (listed) or all (live), live and not excluded."""
     if bootstrap.mode is BootstrapMode.LISTED:
+        by_name = {s.name: s for s in servers}
         pool = [by_name[n] for n in bootstrap.servers if n in by_name]
     else:
         pool = sorted(servers, key=lambda s: s.name)
-    verified = {c.server for c in copies if c.vdisk == vdisk.name and c.state is CopyState.VERIFIED
-                and c.digest == vdisk.digest}
-    return [s for s in pool if is_live(s, now, dead_after_s) and s.name in verified and s.name not in exclude]
+    return [s for s in pool if is_live(s, now, dead_after_s) and s.name not in exclude]
 
 
 def assign(
@@ -72,7 +78,7 @@ def assign(
     """
     candidates = eligible(vdisk, servers, copies, bootstrap, now, dead_after_s, exclude)
     if not candidates:
-        raise NoServerAvailable(_why_none(vdisk, servers, copies, bootstrap, now, dead_after_s, exclude))
+        raise NoServerAvailable(_why_none(vdisk, servers, bootstrap, now, dead_after_s, exclude))
     for server in candidates:
         if server.name == current:
             return server
@@ -83,7 +89,6 @@ def assign(
 def _why_none(
     vdisk: VDiskView,
     servers: Sequence[ServerView],
-    copies: Sequence[CopyView],
     bootstrap: BootstrapView,
     now: float,
     dead_after_s: float,
@@ -91,10 +96,7 @@ def _why_none(
 ) -> str:
     if bootstrap.mode is BootstrapMode.LISTED and not bootstrap.servers:
         return "the bootstrap names no servers (pvsfarm bootstrap configure --server ...)"
-    live = [s for s in servers if is_live(s, now, dead_after_s) and s.name not in exclude]
-    if bootstrap.mode is BootstrapMode.LISTED:
-        live = [s for s in live if s.name in bootstrap.servers]
-    if not live:
+    if not _live_pool(servers, bootstrap, now, dead_after_s, exclude):
         return "no live server in the bootstrap"
     return f"no live server in the bootstrap holds a verified copy of vDisk {vdisk.name!r}"
 
