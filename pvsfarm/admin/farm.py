@@ -9,7 +9,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from pvsfarm.admin.common import audit, get_server, iso, parse_name
-from pvsfarm.db.models import Bootstrap, BootstrapServer, Server, Store, utcnow
+from pvsfarm.db.models import Bootstrap, BootstrapServer, Server, Store, aware, utcnow
 from pvsfarm.db.snapshot import open_sessions_by_server
 from pvsfarm.errors import Conflict, InvalidInput
 from pvsfarm.views import BootstrapMode, ServerState
@@ -19,15 +19,8 @@ MIN_TIMEOUT_MS = 500
 MAX_TIMEOUT_MS = 120_000
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    # SQLite hands back naive datetimes even for timezone=True columns.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
 def server_dict(s: Server, live_sessions: int, dead_after_s: float, now: dt.datetime) -> dict[str, Any]:
-    beat = _aware(s.heartbeat_at)
+    beat = aware(s.heartbeat_at)
     age = (now - beat).total_seconds() if beat else None
     state = s.state.value
     if state == ServerState.UP.value and (age is None or age > dead_after_s):

@@ -40,6 +40,14 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    """A timestamp read back from the database, as UTC-aware (SQLite hands back
+    naive datetimes even for ``timezone=True`` columns)."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(
         cls,

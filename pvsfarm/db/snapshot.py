@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from pvsfarm.addr import MacAddress
-from pvsfarm.db.models import Bootstrap, BootstrapServer, Device, FarmSetting, Server, StreamSession, VDisk, VDiskCopy
+from pvsfarm.db.models import (Bootstrap, BootstrapServer, Device, FarmSetting, Server, StreamSession, VDisk,
+                               VDiskCopy, aware)
 from pvsfarm.views import (
     BootstrapMode,
     BootstrapView,
@@ -30,11 +31,8 @@ GENERATION_KEY = "inventory_generation"
 
 
 def epoch(value: dt.datetime | None) -> float | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.timestamp()
+    stamp = aware(value)
+    return stamp.timestamp() if stamp is not None else None
 
 
 @dataclass(frozen=True)
