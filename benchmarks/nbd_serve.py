@@ -2,8 +2,11 @@
 """Serve one image with pvsfarm's NBD server (benchmark helper, run by nbd_bench.py).
 
 usage: nbd_serve.py IMAGE [--port 10809] [--host 127.0.0.1] [--name ''] [--writable]
-                    [--device-factory MODULE:FUNC | --overlay] [--no-uvloop]
+                    [--device-factory MODULE:FUNC | --overlay] [--no-uvloop] [--workers N]
                     [--flush-kib 256] [--sendfile-min-kib 128] [--high-water-kib 0]
+
+Connections are handed to ``--workers`` worker processes after the handshake (default:
+one per CPU), through the same WorkerPool the node uses for ``nbd.workers``.
 
 ``--device-factory MODULE:FUNC`` calls ``FUNC(image_path, read_only) -> BlockDevice``
 once per connection (the store's write-cache device plugs in here).  ``--overlay`` uses
@@ -30,15 +33,19 @@ from pvsfarm.streaming.nbd import (  # noqa: E402
     DictResolver,
     Extent,
     FileDevice,
+    NbdConfig,
     install_uvloop,
     start_nbd_server,
 )
+from pvsfarm.streaming.nbd.handoff import WorkerPool  # noqa: E402
 
 
 class HalfOverlayDevice(FileDevice):
     """Read-only stand-in for a 50 %-populated write cache: odd blocks of ``block_bytes``
     come from ``<image>.overlay`` (a byte-identical copy, so checksums still match),
     even blocks from the base image, so reads return two extents per block pair."""
+
+    handoff_spec = None  # two files: served in the process that opened it
 
     def __init__(self, path: str, read_only: bool = True, block_bytes: int = 64 * 1024) -> None:
         super().__init__(path, read_only=True)
@@ -76,15 +83,12 @@ async def serve(args: argparse.Namespace) -> None:
         factory = FileDevice
     read_only = not args.writable
     resolver = DictResolver({args.name: lambda: factory(args.image, read_only)})
-    server = await start_nbd_server(
-        resolver,
-        args.host,
-        args.port,
-        flush_bytes=args.flush_kib * 1024,
-        sendfile_min_bytes=args.sendfile_min_kib * 1024,
-        write_high_water_bytes=args.high_water_kib * 1024,
-        reuse_port=args.workers > 1,
-    )
+    config = NbdConfig(flush_bytes=args.flush_kib * 1024, sendfile_min_bytes=args.sendfile_min_kib * 1024,
+                       write_high_water_bytes=args.high_water_kib * 1024)
+    pool = WorkerPool(args.workers, config) if args.workers > 0 else None
+    if pool is not None:
+        pool.start()
+    server = await start_nbd_server(resolver, args.host, args.port, config=config, pool=pool)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,17 +96,8 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"listening {server.sockets[0].getsockname()} loop={type(loop).__module__}", flush=True)
     await stop.wait()
     server.close()
-
-
-def fork_workers(workers: int) -> list[int]:
-    """Fork ``workers - 1`` children; the parent gets their pids, each child []."""
-    children: list[int] = []
-    for _ in range(workers - 1):
-        pid = os.fork()
-        if pid == 0:
-            return []
-        children.append(pid)
-    return children
+    if pool is not None:
+        pool.close()
 
 
 def main() -> None:
@@ -118,18 +113,14 @@ def main() -> None:
     p.add_argument("--flush-kib", type=int, default=256)
     p.add_argument("--sendfile-min-kib", type=int, default=128)
     p.add_argument("--high-water-kib", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="NBD worker processes connections are handed to after the handshake, as the"
+                        " node's nbd.workers (0: serve everything in this process)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    children = fork_workers(args.workers)
     if not args.no_uvloop and not install_uvloop():
         sys.exit("uvloop is not installed (pass --no-uvloop to use stock asyncio)")
-    try:
-        asyncio.run(serve(args))
-    finally:
-        for pid in children:
-            os.kill(pid, signal.SIGTERM)
-            os.waitpid(pid, 0)
+    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

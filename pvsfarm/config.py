@@ -84,6 +84,9 @@ class NbdConfig:
     """Largest READ/WRITE accepted (the NBD spec's 32 MiB advisory maximum)."""
     admin_from_loopback_only: bool = True
     """Administrators may open a vDisk read-only by name only from loopback."""
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Worker processes that serve connections after the handshake (one Python process
+    uses one core: benchmarks/nbd_bench.py); default one per CPU, 0 = all in the node process."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,11 +179,19 @@ class Node(OfflineMixin, HealthMixin):
                                   "sessions": self.exports.open_sessions(), **self.health_fields()})
 
     async def start_nbd(self) -> None:
+        from pvsfarm.streaming.nbd.config import NbdConfig as NbdServerConfig
         from pvsfarm.streaming.nbd.server import start_nbd_server
 
+        from pvsfarm.streaming.nbd.handoff import WorkerPool
+
         cfg = self.cfg.nbd
+        pool = None
+        if cfg.workers > 0:
+            pool = WorkerPool(cfg.workers, NbdServerConfig(max_request_bytes=cfg.max_request_bytes))
+            pool.start()
+            self.closers.append(pool.close)
         server = await start_nbd_server(self.exports, cfg.listen_address, cfg.listen_port,
-                                        max_request_bytes=cfg.max_request_bytes)
+                                        max_request_bytes=cfg.max_request_bytes, pool=pool)
         self.closers.append(server.close)
         self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port}")
 

@@ -134,6 +134,26 @@ def lock_or_conflict(fd: int, exclusive: bool, message: str) -> None:
         raise StoreError(f"cannot lock: {exc}") from exc
 
 
+def file_ident(fd: int) -> tuple[int, int]:
+    """``(st_dev, st_ino)``: which file an fd is, whatever its path is now."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def open_verified(path: str | os.PathLike[str], flags: int, ident: tuple[int, int] | list[int], what: str) -> int:
+    """Open ``path`` and check it is still the file ``ident`` names (another
+    process of this node opened it first; a rename since, e.g. a takeover of a
+    write cache, must not send us to a different file): `StoreError` if not."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"cannot open {what} {str(path)!r}: {exc}") from exc
+    if file_ident(fd) != tuple(ident):
+        os.close(fd)
+        raise StoreError(f"{what} {str(path)!r} was replaced since it was opened")
+    return fd
+
+
 def read_bytes(device: BlockDevice, offset: int, length: int) -> bytes:
     """Assemble a read from a device's extents (for HTTP range reads, digests
     and tests; the NBD server sends extents without copying them here)."""
@@ -190,6 +210,7 @@ class _Handle:
         self.flush = device.flush
         self.trim = device.trim
         self.write_zeroes = device.write_zeroes
+        self.handoff_spec = getattr(device, "handoff_spec", None)
         self._closed = False
 
     def close(self) -> None:

@@ -6,6 +6,10 @@ a vDisk cannot be opened read-write while any target streams it as a base, and
 a private image has one opener at a time. flock is reliable between processes
 on one host; across hosts it depends on the filesystem (Linux NFSv4 maps it to
 a byte-range lock and honours it; CIFS and FUSE stores may not).
+
+The node's NBD worker processes re-open a device its main process opened
+(``handoff_spec`` -> ``attach=``): same file (checked by inode), and a private
+image is attached without the lock, which its owner holds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pvsfarm.store.device import (
     check_range,
     check_sector_size,
     device_size,
+    file_ident,
     lock_or_conflict,
+    open_verified,
     punch_hole,
     pwrite_all,
     write_zero_range,
@@ -48,10 +54,14 @@ class BaseImage:
     read_only = True
     can_multi_conn = True
 
-    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None,
+                 attach: tuple[int, int] | list[int] | None = None) -> None:
         self.path = Path(path)
         self.name = name or self.path.stem
-        self.fd = _open(self.path, os.O_RDONLY)
+        if attach is None:
+            self.fd = _open(self.path, os.O_RDONLY)
+        else:
+            self.fd = open_verified(self.path, os.O_RDONLY, attach, "vDisk file")
         try:
             lock_or_conflict(
                 self.fd,
@@ -67,6 +77,12 @@ class BaseImage:
     def read_extents(self, offset: int, length: int) -> list[Extent]:
         check_range(self.size_bytes, offset, length)
         return [Extent(self.fd, offset, length)] if length else []
+
+    def ident(self) -> list[int]:
+        return list(file_ident(self.fd))
+
+    def handoff_spec(self) -> dict[str, object]:
+        return {"kind": "base", "path": str(self.path), "ident": self.ident()}
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         raise StoreError(f"vDisk {self.name!r} is exported read-only")
@@ -116,13 +132,19 @@ class PrivateImage:
         *,
         name: str | None = None,
         owner: str | None = None,
+        attach: tuple[int, int] | list[int] | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = name or self.path.stem
         self._owner_path = self.path.with_name(self.path.name + _OWNER_SUFFIX)
-        self.fd = _open(self.path, os.O_RDWR)
+        self._attached = attach is not None
+        if attach is None:
+            self.fd = _open(self.path, os.O_RDWR)
+        else:
+            self.fd = open_verified(self.path, os.O_RDWR, attach, "vDisk file")
         try:
-            self._acquire(owner or default_owner())
+            if not self._attached:
+                self._acquire(owner or default_owner())
             self.size_bytes = device_size(self.fd)
             check_sector_size(self.size_bytes, f"vDisk {self.name!r}")
         except BaseException:
@@ -152,6 +174,9 @@ class PrivateImage:
         check_range(self.size_bytes, offset, length)
         return [Extent(self.fd, offset, length)] if length else []
 
+    def handoff_spec(self) -> dict[str, object]:
+        return {"kind": "private", "path": str(self.path), "ident": list(file_ident(self.fd))}
+
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         check_range(self.size_bytes, offset, len(data))
         pwrite_all(self.fd, data, offset)
@@ -175,7 +200,8 @@ class PrivateImage:
         if self.fd < 0:
             return
         try:
-            self._owner_path.unlink(missing_ok=True)
+            if not self._attached:  # the owner's sidecar, not ours to remove
+                self._owner_path.unlink(missing_ok=True)
         except OSError:
             pass  # a stale sidecar is harmless: only read when the lock is held
         os.close(self.fd)

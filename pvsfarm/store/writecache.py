@@ -30,14 +30,32 @@ written size on disk for blocks written more than once; whole-block
 TRIM/WRITE_ZEROES (which overlap any such reader, so NBD leaves the result
 undefined) do punch both slots.
 
-Locking: the overlay is flock'ed exclusively while open. All NBD connections
-of one session must share one `WriteCache` object (they then write through
-one fd and one map, so flush on any connection covers all: can_multi_conn);
-a second open of the same file, here or in another process, is a `Conflict`.
+Locking and processes: the overlay is flock'ed exclusively by the instance
+that owns the session (`create`/`open_existing`); a second such open, here or
+in another process or node, is a `Conflict`, and that flock is what fences a
+dead node off (exports.py). The node's NBD worker processes open the same
+inode with `attach` (no flock: the owner holds it, and a worker dies with its
+node). Every instance reads the block map through a shared read-only mapping
+of the file's map bytes (MAP_SHARED), so a map byte written by one process is
+seen by all at once; map bytes are only ever written with ``pwrite``. A
+write's read-state, write-data, write-map sequence holds an OFD byte-range
+lock (``F_OFD_SETLKW``) on the map bytes of the blocks it touches, so writes
+to one block from two processes are serialized (no lost read-modify-write,
+and no writer can fill the slot another just made live), while writes to
+other blocks and all reads proceed in parallel. The crash-safety argument
+above is unchanged: data still lands before the map byte that points at it,
+and readers in other processes see a map byte only after its data.
+Connections may sit in different processes and still flush each other's
+writes (``fdatasync`` on any fd of the inode covers all its dirty pages), so
+``can_multi_conn`` holds. On NFS, Linux emulates flock with a whole-file
+byte-range lock, which would block attached writers: run such stores with
+``nbd.workers: 0``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import struct
 import zlib
@@ -52,6 +70,7 @@ from pvsfarm.store.device import (
     Extent,
     check_range,
     lock_or_conflict,
+    open_verified,
     pread_exact,
     punch_hole,
     pwrite_all,
@@ -77,6 +96,7 @@ MAP_OFFSET = HEADER_BYTES
 MAX_BASE_ID_BYTES = 128
 _HEADER = struct.Struct("<8sIIQQH128s")
 _CRC = struct.Struct("<I")
+_FLOCK = struct.Struct("hhqqixxxx")  # struct flock (x86-64/aarch64 Linux layout)
 
 
 def _align_up(value: int, alignment: int) -> int:
@@ -154,7 +174,7 @@ class WriteCache:
     can_multi_conn = True
 
     def __init__(self, base: BaseImage, owns_base: bool, path: Path, fd: int,
-                 header: CacheHeader, states: bytearray) -> None:
+                 header: CacheHeader) -> None:
         self.base = base
         self._owns_base = owns_base
         self.path = path
@@ -162,8 +182,9 @@ class WriteCache:
         self.header = header
         self.block_size = header.block_size
         self.size_bytes = header.base_size
-        self._states = states
+        self._states = _map_states(fd, header.nblocks)
         self._lock = Lock()
+        self._base_fd = base.fd
 
     # -- construction -------------------------------------------------------
 
@@ -201,7 +222,7 @@ class WriteCache:
             if owns:
                 image.close()
             raise
-        return cls(image, owns, path, fd, header, bytearray(header.nblocks))
+        return cls._build(image, owns, path, fd, header)
 
     @classmethod
     def open_existing(
@@ -217,12 +238,33 @@ class WriteCache:
         holds it, and `StoreError` if it is damaged or belongs to another base
         (size or id differ).
         """
+        return cls._open(base, Path(cache_path), base_id, lambda path: _open_file(path))
+
+    @classmethod
+    def attach(
+        cls,
+        base: BaseImage | str | os.PathLike[str],
+        cache_path: str | os.PathLike[str],
+        *,
+        base_id: str,
+        ident: tuple[int, int],
+    ) -> WriteCache:
+        """Open a cache another process of this node owns (and holds the flock of):
+        an NBD worker serving one of the session's connections. ``ident`` is the
+        owner's ``(st_dev, st_ino)`` (`handoff_spec`); a different file at the
+        path (taken over since) is a `StoreError`, so a worker never writes into
+        a file its node does not hold."""
+        def opener(path: Path) -> int:
+            return open_verified(path, os.O_RDWR, ident, "write cache")
+        return cls._open(base, Path(cache_path), base_id, opener)
+
+    @classmethod
+    def _open(cls, base, path: Path, base_id: str | None, opener) -> WriteCache:  # type: ignore[no-untyped-def]
         image, owns = _as_base(base)
-        path = Path(cache_path)
         try:
-            fd = _open_file(path)
+            fd = opener(path)
             try:
-                header, states = _load(fd, path, image, base_id)
+                header = _load(fd, path, image, base_id)
             except BaseException:
                 os.close(fd)
                 raise
@@ -230,22 +272,43 @@ class WriteCache:
             if owns:
                 image.close()
             raise
-        return cls(image, owns, path, fd, header, states)
+        return cls._build(image, owns, path, fd, header)
+
+    @classmethod
+    def _build(cls, image: BaseImage, owns: bool, path: Path, fd: int, header: CacheHeader) -> WriteCache:
+        try:
+            return cls(image, owns, path, fd, header)
+        except BaseException:
+            os.close(fd)
+            if owns:
+                image.close()
+            raise
+
+    def handoff_spec(self) -> dict[str, object]:
+        """How another process of this node re-opens this cache (`attach`)."""
+        st = os.fstat(self.fd)
+        return {"kind": "cache", "base": str(self.base.path), "base_ident": self.base.ident(),
+                "cache": str(self.path), "base_id": self.header.base_id, "ident": [st.st_dev, st.st_ino]}
 
     # -- BlockDevice --------------------------------------------------------
 
     def read_extents(self, offset: int, length: int) -> list[Extent]:
         """Runs of blocks with the same source become one extent each, so a
         read the overlay never touched is a single extent of the base fd."""
-        check_range(self.size_bytes, offset, length)
-        if not length:
+        if offset < 0 or length <= 0 or offset + length > self.size_bytes:
+            check_range(self.size_bytes, offset, length)
             return []
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
+        # the hot path (profiled): one block, or a run in one state; a slice of
+        # the shared map is a consistent copy (one memcpy under the GIL)
+        if first == last:
+            return [self._extent(self._states[first], offset, length)]
+        states = self._states[first : last + 1]
+        if states.count(states[0]) == len(states):
+            return [self._extent(states[0], offset, length)]
         end = offset + length
         extents: list[Extent] = []
-        with self._lock:
-            states = self._states[first : last + 1]
         pos, block = offset, first
         for state, run in groupby(states):
             block += sum(1 for _ in run)
@@ -259,7 +322,7 @@ class WriteCache:
         check_range(self.size_bytes, offset, len(view))
         if not view:
             return
-        with self._lock:
+        with self._lock, self._blocks_locked(offset, len(view)):
             self._write(offset, view, fua)
 
     def flush(self) -> None:
@@ -279,7 +342,7 @@ class WriteCache:
         end = offset + length
         lo = -(-offset // self.block_size)
         hi = self.header.nblocks if end == self.size_bytes else end // self.block_size
-        with self._lock:
+        with self._lock, self._blocks_locked(offset, length):
             if lo >= hi:
                 self._write(offset, memoryview(bytes(length)), fua=False)
                 return
@@ -297,6 +360,7 @@ class WriteCache:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self._states.close()
         if self._owns_base:
             self.base.close()
 
@@ -310,13 +374,18 @@ class WriteCache:
 
     def cached_blocks(self) -> int:
         """Blocks whose content is no longer the base's (data or zero)."""
-        return len(self._states) - self._states.count(BASE)
+        return len(self._states) - bytes(self._states).count(BASE)
 
     # -- internals ----------------------------------------------------------
 
+    def _blocks_locked(self, offset: int, length: int) -> _BlockLock:
+        bs = self.block_size
+        first = offset // bs
+        return _BlockLock(self.fd, MAP_OFFSET + first, (offset + length - 1) // bs - first + 1)
+
     def _extent(self, state: int, pos: int, length: int) -> Extent:
         if state == BASE:
-            return Extent(self.base.fd, pos, length)
+            return Extent(self._base_fd, pos, length)
         if state == ZERO:
             return Extent(ZERO_FD, 0, length)
         return Extent(self.fd, self._slot_base(state) + pos, length)
@@ -368,11 +437,9 @@ class WriteCache:
         self._persist_states(first, new)
         if fua:
             os.fdatasync(self.fd)
-        self._states[first : first + len(new)] = new
 
     def _zero_blocks(self, lo: int, hi: int) -> None:
         self._persist_states(lo, bytes([ZERO]) * (hi - lo))
-        self._states[lo:hi] = bytes([ZERO]) * (hi - lo)
         span = (hi - lo) * self.block_size
         for region in (self.header.data_a, self.header.data_b):
             punch_hole(self.fd, region + lo * self.block_size, span)
@@ -423,8 +490,7 @@ def _open_file(path: Path) -> int:
     return fd
 
 
-def _load(fd: int, path: Path, base: BaseImage, base_id: str | None
-          ) -> tuple[CacheHeader, bytearray]:
+def _load(fd: int, path: Path, base: BaseImage, base_id: str | None) -> CacheHeader:
     where = repr(str(path))
     header = CacheHeader.unpack(os.pread(fd, HEADER_BYTES, 0), where)
     if header.base_size != base.size_bytes:
@@ -440,4 +506,35 @@ def _load(fd: int, path: Path, base: BaseImage, base_id: str | None
     states = bytearray(pread_exact(fd, header.nblocks, MAP_OFFSET))
     if states.translate(None, _VALID_STATES):
         raise StoreError(f"write cache {where}: corrupt block map")
-    return header, states
+    return header
+
+
+def _map_states(fd: int, nblocks: int) -> mmap.mmap:
+    """The block map, shared with every process that has the file open. Mapped
+    through a second open file description of the same inode, so the mapping
+    (which keeps its own fd) holds neither the owner's flock nor its OFD locks:
+    closing ``fd`` still releases them, as a process death does."""
+    map_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(map_fd, nblocks, mmap.MAP_SHARED, mmap.PROT_READ, offset=MAP_OFFSET)
+    finally:
+        os.close(map_fd)
+
+
+class _BlockLock:
+    """An exclusive OFD lock on ``count`` map bytes from ``start`` (a context manager).
+
+    OFD locks belong to the open file description, so instances in other
+    processes (and other opens in this one) wait, while the owner's flock,
+    a different kind of lock, does not interfere on local filesystems."""
+
+    __slots__ = ("_fd", "_start", "_count")
+
+    def __init__(self, fd: int, start: int, count: int) -> None:
+        self._fd, self._start, self._count = fd, start, count
+
+    def __enter__(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, self._start, self._count, 0))
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, self._start, self._count, 0))

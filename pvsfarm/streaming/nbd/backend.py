@@ -126,16 +126,25 @@ class FileDevice:
 
     _ZERO_CHUNK = 1 << 20
 
-    def __init__(self, path: str | os.PathLike[str], read_only: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], read_only: bool = True,
+                 attach: tuple[int, int] | list[int] | None = None) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.can_multi_conn = True  # one kernel page cache behind every connection
         self.fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
+            st = os.fstat(self.fd)
+            if attach is not None and (st.st_dev, st.st_ino) != tuple(attach):
+                raise OSError(errno.ESTALE, f"{self.path} was replaced since it was opened")
+            self._ident = [st.st_dev, st.st_ino]
             self.size_bytes = os.lseek(self.fd, 0, os.SEEK_END)
         except OSError:
             os.close(self.fd)
             raise
+
+    def handoff_spec(self) -> dict[str, object]:
+        """How a worker process re-opens this file (pvsfarm.store.handoff.attach)."""
+        return {"kind": "file", "path": self.path, "read_only": self.read_only, "ident": self._ident}
 
     def read_extents(self, offset: int, length: int) -> list[Extent]:
         return [Extent(self.fd, offset, length)]

@@ -2,7 +2,10 @@
 
 It feeds received bytes to :class:`~pvsfarm.streaming.nbd.session.ServerSession`,
 executes the validated commands on the export's BlockDevice and writes replies
-through :class:`~pvsfarm.streaming.nbd.replies.ReplyWriter`.  ``asyncio.Protocol``
+through :class:`~pvsfarm.streaming.nbd.replies.ReplyWriter`.  With a
+:class:`~pvsfarm.streaming.nbd.handoff.WorkerPool`, a connection whose export can be
+re-opened elsewhere is handed to a worker process once its GO reply is on the wire;
+the worker runs this same class from the transmission phase (``handed``).  ``asyncio.Protocol``
 (not streams) because it is the fastest asyncio technique measured on this VM; run it
 on uvloop with CPython 3.11 (``install_uvloop()``), where stock asyncio halves bulk
 throughput (shared/bench/RESULTS.md section 1b).  Peer input never kills the loop: a
@@ -14,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from pvsfarm.streaming.nbd.backend import ExportResolver, OpenedExport, errno_for_exception, release_export
 from pvsfarm.streaming.nbd.config import NbdConfig
@@ -27,9 +31,13 @@ from pvsfarm.streaming.nbd.session import (
     OpenExport,
     SendData,
     ServerSession,
+    State,
     WriteCommand,
 )
 from pvsfarm.streaming.nbd.wire import Cmd, CmdFlag, Opt, Request, encode_simple_reply
+
+if TYPE_CHECKING:
+    from pvsfarm.streaming.nbd.handoff import WorkerPool
 
 log = logging.getLogger("pvsfarm.streaming.nbd")
 
@@ -47,18 +55,32 @@ def install_uvloop() -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A connection whose handshake another process ran: its export, and the bytes
+    that process had received but not parsed."""
+
+    export: OpenedExport
+    info: ExportInfo
+    pending: bytes = b""
+
+
 class NbdServerProtocol(asyncio.Protocol):
     """One NBD connection."""
 
-    def __init__(self, resolver: ExportResolver, config: NbdConfig) -> None:
+    def __init__(self, resolver: ExportResolver | None, config: NbdConfig, *,
+                 pool: WorkerPool | None = None, handed: Handed | None = None) -> None:
         self._resolver = resolver
         self._config = config
+        self._pool = pool
+        self._handed = handed
         self._session = ServerSession(
             max_request_bytes=config.max_request_bytes, max_option_bytes=config.max_option_bytes
         )
         self._queue: deque[Event] = deque()
         self._export: OpenedExport | None = None
-        self._paused = self._closing = False
+        self._paused = self._closing = self._hand_off_now = False
+        self._handed_to: int | None = None  # connection id in the WorkerPool once handed over
         self._peer: tuple[str, int] = ("", 0)
         self._nread = self._nwritten = 0
 
@@ -72,7 +94,13 @@ class NbdServerProtocol(asyncio.Protocol):
             transport.set_write_buffer_limits(high=self._config.write_high_water_bytes)
         cfg = self._config
         self._writer = ReplyWriter(transport, cfg.flush_bytes, cfg.sendfile_min_bytes)
-        self._feed(self._session.initiate())
+        if self._handed is None:
+            self._feed(self._session.initiate())
+            return
+        self._export = self._handed.export
+        self._session.resume_transmission(self._handed.info)
+        if self._handed.pending:
+            self._feed(self._session.receive_data(self._handed.pending))
 
     def data_received(self, data: bytes) -> None:
         self._feed(self._session.receive_data(data))
@@ -94,6 +122,8 @@ class NbdServerProtocol(asyncio.Protocol):
         self._report_io()
         self._writer.close()
         opened, self._export = self._export, None
+        if self._handed_to is not None:
+            return  # the WorkerPool releases it when the worker reports the close
         try:
             release_export(opened)
         except Exception:
@@ -112,6 +142,8 @@ class NbdServerProtocol(asyncio.Protocol):
                 self._dispatch(queue.popleft())
             if not self._closing:
                 self._writer.flush()
+                if self._hand_off_now and not queue:
+                    self._hand_off()
         except Exception:
             log.exception("nbd %s: internal error, closing the connection", self._peer)
             self._abort()
@@ -143,6 +175,44 @@ class NbdServerProtocol(asyncio.Protocol):
         self._queue.clear()
         self._transport.abort()
 
+    def abort(self) -> None:
+        """Close now, dropping queued replies (the process is stopping)."""
+        if not self._closing:
+            self._abort()
+
+    def drop(self) -> None:
+        """Close this connection, wherever it is served (drain moves a session away)."""
+        if self._handed_to is not None:
+            if self._pool is not None:
+                self._pool.drop(self._handed_to)
+        elif not self._closing:
+            self._writer.flush()
+            self._closing = True
+            self._queue.clear()
+            self._transport.close()
+
+    def _hand_off(self) -> None:
+        """Send the connection to a worker if everything before is on the wire."""
+        self._hand_off_now = False
+        export, info = self._export, self._session.export
+        spec_of = getattr(export.device, "handoff_spec", None) if export is not None else None
+        if self._pool is None or export is None or info is None or spec_of is None:
+            return
+        if self._session.state is not State.TRANSMISSION or self._transport.get_write_buffer_size():
+            return
+        pending = self._session.unparsed()
+        sock = self._transport.get_extra_info("socket")
+        if pending is None or sock is None:
+            return
+        cid = self._pool.hand_off(sock.fileno(), spec_of(), info, pending, export)
+        if cid is None:
+            return
+        self._handed_to = cid
+        self._closing = True
+        self._queue.clear()
+        self._transport.pause_reading()
+        self._transport.abort()  # only our descriptor: the worker holds the socket now
+
     def _close(self, ev: CloseConnection) -> None:
         if ev.protocol_error:
             log.warning("nbd %s: closing: %s", self._peer, ev.reason)
@@ -171,7 +241,8 @@ class NbdServerProtocol(asyncio.Protocol):
             release_export(self._export)
             self._export = opened
             if opened is not None and opened.bind_disconnect is not None and self._transport is not None:
-                opened.bind_disconnect(self._transport.close)
+                opened.bind_disconnect(self.drop)
+            self._hand_off_now = opened is not None and self._pool is not None
         self._queue.extend(self._session.export_resolved(info))
 
     def _list(self) -> None:
@@ -237,14 +308,16 @@ async def start_nbd_server(
     *,
     config: NbdConfig | None = None,
     reuse_port: bool = False,
+    pool: WorkerPool | None = None,
     **overrides: int,
 ) -> asyncio.AbstractServer:
     """Listen for NBD clients on ``host:port`` (port 0 picks one; see
     ``server.sockets[0].getsockname()``).  ``overrides`` replace NbdConfig fields,
     e.g. ``max_request_bytes=32 * 2**20``.  ``reuse_port`` lets several processes
     share the port (SO_REUSEPORT; the kernel spreads connections over them) -- only
-    safe when every process sees the same data, e.g. read-only base images."""
+    safe when every process sees the same data, e.g. read-only base images.
+    ``pool`` (started) hands connections to worker processes after the handshake."""
     cfg = NbdConfig(**{**asdict(config or NbdConfig()), **overrides})
     loop = asyncio.get_running_loop()
-    factory = lambda: NbdServerProtocol(resolver, cfg)  # noqa: E731
+    factory = lambda: NbdServerProtocol(resolver, cfg, pool=pool)  # noqa: E731
     return await loop.create_server(factory, host, port, reuse_port=reuse_port or None)

@@ -193,6 +193,20 @@ class ServerSession:
         self.state = State.OPTIONS
         return self._process(out)
 
+    def resume_transmission(self, info: ExportInfo) -> None:
+        """Start in the transmission phase of ``info``: another process ran the
+        handshake and handed the connection over (``nbd.handoff``)."""
+        if self.state is not State.CLIENT_FLAGS or self._buf:
+            raise LocalProtocolError("resume_transmission() on a session already started")
+        self._enter_transmission(info)
+
+    def unparsed(self) -> bytes | None:
+        """Received bytes not yet turned into events, or None when the session is in
+        the middle of a WRITE payload (then it cannot be handed to another process)."""
+        if self._write_req is not None or self._discard:
+            return None
+        return bytes(self._buf[self._pos :])
+
     # --- input loop ---------------------------------------------------------------
 
     def _process(self, out: list[Event]) -> list[Event]:
