@@ -260,3 +260,66 @@ def _plan_source() -> str:
         "def plan_(k):\n"
         "    return (k * 7919 * 13) % (SIZE - 6200), bytes([k % 251 + 1]) * 6200\n"
     )
+
+
+ATTACHED_WRITER = """
+import sys
+from pvsfarm.store import BaseImage, WriteCache
+base, cache, who, dev, ino, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+with BaseImage(base) as image:
+    wc = WriteCache.attach(image, cache, base_id=sys.argv[7], ident=(dev, ino))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for k in range(rounds):
+        for block in range(4):
+            off = block * 4096 + (k * 2 + who) * 8
+            wc.pwrite(off, bytes([who + 1]) * 8, False)
+    wc.close()
+"""
+
+
+def test_two_processes_partial_writes_to_one_block_lose_nothing(make_base: MakeBase, tmp_path: Path) -> None:
+    """Two attached instances in two processes read-modify-write the same 4 blocks
+    at disjoint 8-byte pieces, as fast as they can: every piece must survive (the
+    OFD block lock serializes each block's read-modify-write across processes)."""
+    base_path, cache_path, rounds = make_base(SIZE), tmp_path / "c", 200
+    with WriteCache.create(base_path, cache_path, block_size=BS) as owner:
+        st = os.fstat(owner.fd)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        args = [str(base_path), str(cache_path)]
+        children = [
+            subprocess.Popen([sys.executable, "-c", ATTACHED_WRITER, *args, str(who), str(st.st_dev),
+                              str(st.st_ino), str(rounds), owner.header.base_id],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            for who in (0, 1)
+        ]
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        for child in children:  # start both at once
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        for child in children:
+            assert child.wait(60) == 0
+        expected = bytearray(pattern(SIZE))
+        for k in range(rounds):
+            for block in range(4):
+                for who in (0, 1):
+                    off = block * BS + (k * 2 + who) * 8
+                    expected[off : off + 8] = bytes([who + 1]) * 8
+        assert read_bytes(owner, 0, SIZE) == bytes(expected)
+
+
+def test_attach_refuses_a_replaced_file(base: BaseImage, tmp_path: Path) -> None:
+    """A worker re-opening by path must not reach a file its node does not hold
+    (e.g. the cache was taken over and renamed over since)."""
+    with WriteCache.create(base, tmp_path / "c", block_size=BS) as owner:
+        st = os.fstat(owner.fd)
+        ident = (st.st_dev, st.st_ino)
+        with WriteCache.attach(base, tmp_path / "c", base_id=owner.header.base_id, ident=ident) as other:
+            other.pwrite(10, b"x" * 5000, False)
+            assert read_bytes(owner, 10, 5000) == b"x" * 5000
+        os.rename(tmp_path / "c", tmp_path / "old")
+        (tmp_path / "c").write_bytes((tmp_path / "old").read_bytes())
+        with pytest.raises(StoreError, match="replaced"):
+            WriteCache.attach(base, tmp_path / "c", base_id=owner.header.base_id, ident=ident)

@@ -7,6 +7,10 @@ data written; all data written but no map; part of the map written). After a
 crash the cache is reopened from disk with `open_existing`, as a failover node
 would, and every block must hold either its old or its new content, never a
 mix and never garbage, while every acknowledged request stays visible.
+
+A second instance is attached to the same file (`WriteCache.attach`, as an NBD
+worker process does) and every request may go through either, interleaved: both
+must always agree with the model (one shared block map, no stale copy).
 """
 
 from __future__ import annotations
@@ -54,35 +58,48 @@ class WriteCacheMachine(RuleBasedStateMachine):
     @initialize()
     def create(self) -> None:
         self.cache = WriteCache.create(self.base, self.cache_path, block_size=BS)
+        self._attach()
+
+    def _attach(self) -> None:
+        st = os.fstat(self.cache.fd)
+        self.other = WriteCache.attach(self.base, self.cache_path, base_id=self.cache.header.base_id,
+                                       ident=(st.st_dev, st.st_ino))
+
+    def _pick(self, other: bool) -> WriteCache:
+        return self.other if other else self.cache
 
     def teardown(self) -> None:
+        if getattr(self, "other", None) is not None:
+            self.other.close()
         if getattr(self, "cache", None) is not None:
             self.cache.close()
         self.base.close()
         shutil.rmtree(self.dir)
 
-    @rule(span=spans(), fill=st.binary(min_size=1, max_size=16), fua=st.booleans())
-    def write(self, span: tuple[int, int], fill: bytes, fua: bool) -> None:
+    @rule(span=spans(), fill=st.binary(min_size=1, max_size=16), fua=st.booleans(), other=st.booleans())
+    def write(self, span: tuple[int, int], fill: bytes, fua: bool, other: bool) -> None:
         offset, length = span
         data = (fill * (length // len(fill) + 1))[:length]
-        self.cache.pwrite(offset, data, fua)
+        self._pick(other).pwrite(offset, data, fua)
         self.model[offset : offset + length] = data
 
-    @rule(span=spans(), trim=st.booleans())
-    def zero(self, span: tuple[int, int], trim: bool) -> None:
+    @rule(span=spans(), trim=st.booleans(), other=st.booleans())
+    def zero(self, span: tuple[int, int], trim: bool, other: bool) -> None:
         offset, length = span
-        (self.cache.trim if trim else self.cache.write_zeroes)(offset, length)
+        cache = self._pick(other)
+        (cache.trim if trim else cache.write_zeroes)(offset, length)
         self.model[offset : offset + length] = bytes(length)
 
-    @rule(span=spans())
-    def read(self, span: tuple[int, int]) -> None:
+    @rule(span=spans(), other=st.booleans())
+    def read(self, span: tuple[int, int], other: bool) -> None:
         offset, length = span
-        extents = self.cache.read_extents(offset, length)
+        cache = self._pick(other)
+        extents = cache.read_extents(offset, length)
         assert sum(e.length for e in extents) == length
         assert all(e.length > 0 for e in extents)
         for a, b in zip(extents, extents[1:]):  # merged: no two could be one
             assert not (a.fd == b.fd and (a.fd == -1 or a.file_offset + a.length == b.file_offset))
-        assert read_bytes(self.cache, offset, length) == self.model[offset : offset + length]
+        assert read_bytes(cache, offset, length) == self.model[offset : offset + length]
 
     @rule()
     def flush(self) -> None:
@@ -116,6 +133,7 @@ class WriteCacheMachine(RuleBasedStateMachine):
     def matches_model(self) -> None:
         if getattr(self, "cache", None) is not None:
             assert read_bytes(self.cache, 0, SIZE) == self.model
+            assert read_bytes(self.other, 0, SIZE) == self.model
 
     # -- crash machinery ----------------------------------------------------
 
@@ -139,8 +157,10 @@ class WriteCacheMachine(RuleBasedStateMachine):
 
     def _crash_and_reopen(self, expect_either: bytearray | None = None) -> None:
         os.close(self.cache.fd)  # what the kernel does to a kill -9'd process
-        self.cache = None
+        self.other.close()  # its worker dies with the node
+        self.cache = self.other = None
         self.cache = WriteCache.open_existing(self.base, self.cache_path)
+        self._attach()
         if expect_either is None:
             return
         seen = read_bytes(self.cache, 0, SIZE)
