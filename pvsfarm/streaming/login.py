@@ -18,7 +18,7 @@ from pvsfarm.errors import NoServerAvailable, PvsfarmError
 from pvsfarm.streaming.assign import assign, live_servers
 from pvsfarm.streaming.journal import Journal
 from pvsfarm.streaming.tokens import ExportGrant, sign, verify
-from pvsfarm.views import BootstrapMode, CacheType, DeviceView, Inventory, ServerView, VDiskMode, VDiskView
+from pvsfarm.views import BootstrapMode, BootstrapView, CacheType, DeviceView, Inventory, ServerView, VDiskMode, VDiskView
 
 
 class LoginRefused(PvsfarmError):
@@ -58,6 +58,7 @@ class LoginService:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # the flush thread calls `refreshed` while the loop logs in
+        self._farm_cache: tuple[tuple[ServerView, ...], BootstrapView, float, float, tuple[ServerView, ...]] | None = None
 
     def flush_mark(self) -> int:
         """Call just before the journal is taken for a flush; hand the mark to `refreshed`."""
@@ -92,28 +93,30 @@ class LoginService:
               exclude: frozenset[str] = frozenset()) -> LoginDecision:
         """A new boot (``resume`` None) or a failover of an existing session (``resume`` = its token)."""
         device, vdisk = self._device(mac)
+        key = str(mac)
         previous = self._resumable(resume, device, vdisk, now)
         if previous is not None and previous.server in exclude:
             self.lost[previous.server] = now
-        sticky = previous.server if previous else self.current.get(str(mac), ("", None))[1]
+        sticky = previous.server if previous else self.current.get(key, ("", None))[1]
+        lost = self._lost(now)
         server = assign(vdisk, self.inventory.servers(), self.inventory.copies(vdisk.name),
                         self.inventory.bootstrap(), now, self.dead_after_s, current=sticky,
-                        exclude=exclude | self._lost(now), extra_load=self.recent)
+                        exclude=exclude | lost if lost else exclude, extra_load=self.recent)
         if previous is not None:
-            grant = ExportGrant(previous.session_id, str(mac), vdisk.name, server.name, int(now))
+            grant = ExportGrant(previous.session_id, key, vdisk.name, server.name, int(now))
             if server.name != previous.server:
                 self.journal.move(grant.session_id, server.name)
                 # A dead node's targets fail over within a second: count the moves too, or
                 # they all pile onto the least-loaded survivor until the next refresh.
                 self._count(server.name)
         else:
-            grant = ExportGrant(secrets.token_hex(16), str(mac), vdisk.name, server.name, int(now))
-            old = self.current.get(str(mac))
+            grant = ExportGrant(secrets.token_hex(16), key, vdisk.name, server.name, int(now))
+            old = self.current.get(key)
             if old is not None:
                 self.journal.end(old[0], now)
-            self.journal.open(grant.session_id, str(mac), vdisk.name, server.name, now)
+            self.journal.open(grant.session_id, key, vdisk.name, server.name, now)
             self._count(server.name)
-        self.current[str(mac)] = (grant.session_id, server.name)
+        self.current[key] = (grant.session_id, server.name)
         return LoginDecision(device, vdisk, server, grant, sign(grant, self.secret()), self._farm(now),
                              resumed=previous is not None, cache_lost=self._cache_lost(previous, server, vdisk))
 
@@ -123,6 +126,8 @@ class LoginService:
         then applies anyway; also bounds the harm of clock skew or a lying target). Without
         this, a killed node whose targets all moved away is the least loaded server, and every
         new boot is sent to it until its heartbeat ages out (chaos farm: 4 s of boots)."""
+        if not self.lost:
+            return frozenset()
         beats = {s.name: s.heartbeat_at or 0.0 for s in self.inventory.servers()}
         self.lost = {name: at for name, at in self.lost.items()
                      if now - at <= self.dead_after_s and beats.get(name, 0.0) <= at}
@@ -146,12 +151,23 @@ class LoginService:
         return keeps_cache_on_server and not self.shared_store
 
     def _farm(self, now: float) -> tuple[ServerView, ...]:
-        boot = self.inventory.bootstrap()
-        live = live_servers(self.inventory.servers(), now, self.dead_after_s)
+        """The live farm in bootstrap order. Cached per servers tuple while ``now`` stays in the span
+        over which no server's liveness can change (it is built for every login: 8 of 22 us)."""
+        servers, boot = self.inventory.servers(), self.inventory.bootstrap()
+        cached = self._farm_cache
+        if cached is not None and cached[0] is servers and cached[1] is boot and cached[2] <= now <= cached[3]:
+            return cached[4]
+        live = live_servers(servers, now, self.dead_after_s)
         if boot.mode is BootstrapMode.LISTED:
             order = {name: i for i, name in enumerate(boot.servers)}
-            return tuple(sorted((s for s in live if s.name in order), key=lambda s: order[s.name]))
-        return tuple(live)
+            farm = tuple(sorted((s for s in live if s.name in order), key=lambda s: order[s.name]))
+        else:
+            farm = tuple(live)
+        # is_live holds while now - heartbeat_at <= dead_after_s: the first live server to age out
+        # bounds the span; a dead server stays dead as ``now`` grows (and state/health are per tuple).
+        until = min((s.heartbeat_at + self.dead_after_s for s in live if s.heartbeat_at is not None), default=now)
+        self._farm_cache = (servers, boot, now, until, farm)
+        return farm
 
 
 __all__ = ["LoginService", "LoginDecision", "LoginRefused", "NoServerAvailable"]
