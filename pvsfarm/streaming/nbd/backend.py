@@ -142,8 +142,11 @@ class FileDevice:
             os.close(self.fd)
             raise
 
-    def handoff_spec(self) -> dict[str, object]:
-        """How a worker process re-opens this file (pvsfarm.store.handoff.attach)."""
+    def handoff_spec(self) -> dict[str, object] | None:
+        """How a worker process re-opens this file (pvsfarm.store.handoff.attach);
+        None for subclasses, which may read differently (they stay in their process)."""
+        if type(self) is not FileDevice:
+            return None
         return {"kind": "file", "path": self.path, "read_only": self.read_only, "ident": self._ident}
 
     def read_extents(self, offset: int, length: int) -> list[Extent]:

@@ -200,11 +200,11 @@ class NbdServerProtocol(asyncio.Protocol):
             return
         if self._session.state is not State.TRANSMISSION or self._transport.get_write_buffer_size():
             return
-        pending = self._session.unparsed()
+        pending, spec = self._session.unparsed(), spec_of()
         sock = self._transport.get_extra_info("socket")
-        if pending is None or sock is None:
+        if pending is None or spec is None or sock is None:
             return
-        cid = self._pool.hand_off(sock.fileno(), spec_of(), info, pending, export)
+        cid = self._pool.hand_off(sock.fileno(), spec, info, pending, export)
         if cid is None:
             return
         self._handed_to = cid
