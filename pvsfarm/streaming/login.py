@@ -21,6 +21,10 @@ from pvsfarm.streaming.tokens import ExportGrant, sign, verify
 from pvsfarm.views import BootstrapMode, BootstrapView, CacheType, DeviceView, Inventory, ServerView, VDiskMode, VDiskView
 
 
+_FarmCache = tuple[tuple[ServerView, ...], BootstrapView, float, float, tuple[ServerView, ...]]
+"""(servers, bootstrap, valid from, valid until, farm): see `LoginService._farm`."""
+
+
 class LoginRefused(PvsfarmError):
     """The device may not boot (unknown, disabled, no vDisk). ``reason`` is shown to the target."""
 
@@ -58,7 +62,7 @@ class LoginService:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # the flush thread calls `refreshed` while the loop logs in
-        self._farm_cache: tuple[tuple[ServerView, ...], BootstrapView, float, float, tuple[ServerView, ...]] | None = None
+        self._farm_cache: _FarmCache | None = None
 
     def flush_mark(self) -> int:
         """Call just before the journal is taken for a flush; hand the mark to `refreshed`."""

@@ -48,3 +48,51 @@ def test_flush_is_idempotent_and_applies_io_moves_and_ends(db_url: str, tmp_path
         write_batch(s, j.take())
         assert live_load(s, "s2") == 0
     engine.dispose()
+
+
+def test_flush_ends_earlier_sessions_and_skips_unknown_rows(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Both write paths (PostgreSQL arrays, portable bulk statements) give the same rows."""
+    from pvsfarm.db.models import aware
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    image = tmp_path / "b.img"
+    image.write_bytes(b"\0" * 4096)
+    with session_scope(factory) as s:
+        s1 = farm.ensure_server(s, "s1", "10.0.0.1", http_port=1, nbd_port=2, tftp_port=3)
+        vdisks.add_vdisk(s, "t", s1, "base", image, tmp_path, mode=VDiskMode.STANDARD,
+                         cache_type=CacheType.SERVER, boot_method=BootMethod.SANBOOT, copy=False)
+        for i in (1, 2):
+            devices.add_device(s, "t", devices.make_spec(f"52:54:00:00:00:0{i}", f"d{i}", None, None, "base"))
+    d1, d2 = "52:54:00:00:00:01", "52:54:00:00:00:02"
+    j = Journal()
+    j.open("a", d1, "base", "s1", 1000.0)
+    j.open("b", d2, "base", "s1", 1001.0)
+    j.open("c", d1, "base", "s1", 1002.5)  # d1 again in the same batch: "a" ends here
+    j.open("x", "52:54:00:00:00:09", "base", "s1", 1003.0)  # unknown device: dropped
+    j.open("y", d2, "nope", "s1", 1003.0)  # unknown vDisk: dropped, ends nothing
+    j.record_io("b", 10, 20, 1004.25)
+    with session_scope(factory) as s:
+        write_batch(s, j.take())
+    j.open("d", d2, "base", "s1", 1010.0)  # ends "b" (written in an earlier batch) at this login
+    j.record_io("b", 1, 2, 1005.0)
+    second = j.take()
+    for _ in range(2):  # the second time is a replay: nothing changes
+        with session_scope(factory) as s:
+            write_batch(s, second)
+
+    def epoch(value):  # type: ignore[no-untyped-def]
+        stamp = aware(value)
+        return round(stamp.timestamp(), 3) if stamp is not None else None
+
+    with session_scope(factory) as s:
+        rows = {r.token: (epoch(r.started_at), epoch(r.ended_at), r.bytes_read, r.bytes_written, epoch(r.last_io_at))
+                for r in s.scalars(select(StreamSession))}
+    engine.dispose()
+    assert rows == {
+        "a": (1000.0, 1002.5, 0, 0, None),
+        "b": (1001.0, 1010.0, 12, 24, 1005.0),
+        "c": (1002.5, None, 0, 0, None),
+        "d": (1010.0, None, 0, 0, None),
+    }
