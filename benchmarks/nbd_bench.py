@@ -14,8 +14,9 @@ usage:
       [--rounds 3] [--fio-seconds 4] [--tests seq_c1,...] [--servers pvsfarm,nbdkit]
       [--idle-conns 200] [--overlay | --device-factory MODULE:FUNC] [--no-uvloop]
       [--serve-arg=--flush-kib=256 ...]
-  --servers may also name pvsfarm-wN: N pvsfarm processes sharing the port with
-  SO_REUSEPORT (read-only images only; nbdkit itself runs 16 threads).
+  pvsfarm hands connections to one worker process per CPU after the handshake (the
+  node's nbd.workers default); --servers may also name pvsfarm-wN for N workers
+  (pvsfarm-w0: everything in one process). nbdkit itself runs 16 threads.
 
 Write-cache mode (for the lead, once the store lands): pass
 ``--device-factory pvsfarm.store.SOMETHING:FUNC`` where ``FUNC(image_path, read_only)``

@@ -5,8 +5,12 @@
     --device-factory benchmarks.nbd_devices:base_image    the read-only base (device-ram cache type)
 
 The connections of one server process share one device (as a target's
-connections do in the node, through `SharedDevice`). Cached blocks are
-written with the base's own bytes so the benchmark's checksum still holds.
+connections do in the node, through `SharedDevice`); worker processes attach to
+it (`handoff_spec`). The cache is built once per server process and kept open
+between connections: a node re-opens a session's existing cache cheaply
+(`open_existing`), while building this one writes 512 MiB, which the first
+connection of every test used to pay for. Cached blocks are written with the
+base's own bytes so the benchmark's checksum still holds.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import tempfile
 from pvsfarm.store import BaseImage, SharedDevice, WriteCache, read_bytes
 
 _shared: dict[str, SharedDevice] = {}
+_kept: list[object] = []  # one handle per device, never closed: the device outlives connections
 
 
 def _shared_device(key: str, make) -> object:  # type: ignore[no-untyped-def]
     shared = _shared.get(key)
     if shared is None or shared.device is None:
         shared = _shared[key] = SharedDevice(make())
+        _kept.append(shared.handle())
     return shared.handle()
 
 
