@@ -24,7 +24,8 @@ __all__ = ["FileSource", "normalize_name", "open_in_root", "source_from_bytes"]
 SMALL_FILE_BYTES = 64 * 1024
 """Files up to this size are read whole and their descriptor closed at once
 (a boot storm of small files then holds no descriptors); larger ones are read
-with one ``os.pread`` per block from a descriptor opened once."""
+with ``os.pread`` from a descriptor opened once (the session reads ahead in
+64 KiB chunks, `session.READ_AHEAD_BYTES`)."""
 
 
 @dataclass(slots=True)
@@ -42,25 +43,11 @@ class FileSource:
             self.fd = None
 
 
-class _ReadAhead:
-    """``read_at`` served from one ``READ_AHEAD_BYTES`` window read by ``os.pread``:
-    one syscall per ~44 blocks of 1468 instead of one per block (blocks are read
-    in order, and a retransmitted window is still inside the cached chunk)."""
+def _pread(fd: int) -> Callable[[int, int], bytes]:
+    def read_at(offset: int, length: int) -> bytes:
+        return os.pread(fd, length, offset)
 
-    __slots__ = ("fd", "start", "chunk")
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.start, self.chunk = fd, 0, b""
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        rel = offset - self.start
-        if rel < 0 or rel + length > len(self.chunk):
-            self.start, rel = offset, 0
-            self.chunk = os.pread(self.fd, max(length, READ_AHEAD_BYTES), offset)
-        return self.chunk[rel : rel + length]
-
-
-READ_AHEAD_BYTES = 64 * 1024
+    return read_at
 
 
 def source_from_bytes(content: bytes) -> FileSource:
@@ -97,7 +84,7 @@ def open_in_root(root: Path, name: str) -> FileSource:
         if not stat.S_ISREG(info.st_mode):
             raise RemoteProtocolError(f"{name!r} is not a regular file", code=ErrorCode.FILE_NOT_FOUND)
         if info.st_size > SMALL_FILE_BYTES:
-            return FileSource(info.st_size, _ReadAhead(fd).read_at, fd)
+            return FileSource(info.st_size, _pread(fd), fd)
         content = os.pread(fd, info.st_size, 0)
     except BaseException:
         os.close(fd)
