@@ -6,8 +6,12 @@ back-pressure, is the fastest asyncio technique for 4 KiB reads; ``loop.sendfile
 request is 4-7x slower and is not used; raw ``os.sendfile`` helps large sequential reads.
 Raw writes bypass the transport, so they are only safe while the transport holds no
 buffered data: then the kernel socket buffer already has everything sent before, and
-order is kept.  If the socket fills mid-reply, the rest of that reply goes through the
-transport (``os.pread``), which buffers it after the bytes already sent.
+order is kept.  If the socket fills mid-reply, the writer is ``busy``: it waits for the
+socket to drain (``add_writer`` on its own dup of the socket) and goes on with
+``sendfile``, and the connection dispatches nothing meanwhile (``on_idle`` resumes
+it).  Copying the rest through the transport instead (``os.pread``) carried 18 % of the
+bytes of a qemu-img convert (2 MiB reads) through user space.  Without an event loop
+(``loop=None``, unit tests) the rest still goes through the transport.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pvsfarm.streaming.nbd.backend import Extent
 from pvsfarm.streaming.nbd.wire import encode_simple_reply
@@ -47,8 +51,15 @@ def read_extent(extent: Extent, skip: int = 0) -> bytes | memoryview:
 class ReplyWriter:
     """Collects reply parts and writes them to ``transport`` in batches."""
 
-    def __init__(self, transport: asyncio.Transport, flush_bytes: int, sendfile_min_bytes: int) -> None:
+    def __init__(self, transport: asyncio.Transport, flush_bytes: int, sendfile_min_bytes: int, *,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_idle: Callable[[], None] | None = None,
+                 on_abort: Callable[[Exception], None] | None = None) -> None:
         self._transport = transport
+        self._loop = loop
+        self._on_idle = on_idle
+        self._on_abort = on_abort
+        self._rest: list[bytes | list[int]] = []  # what a blocked direct reply still has to send
         self._flush_bytes = flush_bytes
         self._sendfile_min = sendfile_min_bytes
         self._parts: list[bytes | memoryview] = []
@@ -103,7 +114,22 @@ class ReplyWriter:
         for part in parts:
             self.add(part)
 
+    @property
+    def busy(self) -> bool:
+        """A direct reply is waiting for socket space: write nothing else until ``on_idle``."""
+        return bool(self._rest)
+
     def _send_direct(self, header: bytes, extents: Sequence[Extent]) -> None:
+        if self._loop is not None and self._sock is not None:
+            self._rest = [header, *([e.fd, e.file_offset, e.length] for e in extents)]
+            try:
+                done = self._pump()
+            except OSError as exc:
+                self._rest = []
+                raise ReplyAborted(f"read reply failed mid-send: {exc}") from exc
+            if not done:
+                self._loop.add_writer(self._sock.fileno(), self._writable)
+            return
         try:
             sent = self._send_header(header)
             if sent < len(header):
@@ -124,8 +150,57 @@ class ReplyWriter:
         except BlockingIOError:
             return 0
 
+    def _pump(self) -> bool:
+        """Send what the blocked reply still has; True once all of it is on the wire."""
+        rest, sock = self._rest, self._sock
+        assert sock is not None
+        while rest:
+            piece = rest[0]
+            if isinstance(piece, bytes):
+                try:
+                    n = sock.send(piece, socket.MSG_MORE)
+                except BlockingIOError:
+                    return False
+                if n < len(piece):
+                    rest[0] = piece[n:]
+                    return False
+            else:
+                fd, offset, left = piece
+                try:
+                    if fd < 0:
+                        n = sock.send(zeros(min(left, len(_ZEROS))), socket.MSG_MORE)
+                    else:
+                        n = os.sendfile(self._sock_fd, fd, offset, left)
+                except BlockingIOError:
+                    return False
+                if n == 0:
+                    raise OSError(5, "backing file shorter than the extent")
+                piece[1], piece[2] = offset + n, left - n
+                if left > n:
+                    continue
+            del rest[0]
+        return True
+
+    def _writable(self) -> None:
+        assert self._loop is not None and self._sock is not None
+        try:
+            done = self._pump()
+        except OSError as exc:
+            self._loop.remove_writer(self._sock.fileno())
+            self._rest = []
+            if self._on_abort is not None:
+                self._on_abort(ReplyAborted(f"read reply failed mid-send: {exc}"))
+            return
+        if done:
+            self._loop.remove_writer(self._sock.fileno())
+            if self._on_idle is not None:
+                self._on_idle()
+
     def close(self) -> None:
         if self._sock is not None:
+            if self._rest and self._loop is not None:
+                self._loop.remove_writer(self._sock.fileno())
+            self._rest = []
             self._sock.close()
             self._sock = None
 

@@ -93,7 +93,9 @@ class NbdServerProtocol(asyncio.Protocol):
         if self._config.write_high_water_bytes:
             transport.set_write_buffer_limits(high=self._config.write_high_water_bytes)
         cfg = self._config
-        self._writer = ReplyWriter(transport, cfg.flush_bytes, cfg.sendfile_min_bytes)
+        self._writer = ReplyWriter(transport, cfg.flush_bytes, cfg.sendfile_min_bytes,
+                                   loop=asyncio.get_running_loop(), on_idle=self._writer_idle,
+                                   on_abort=self._writer_aborted)
         if self._handed is None:
             self._feed(self._session.initiate())
             return
@@ -113,8 +115,18 @@ class NbdServerProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         self._run()
-        if not self._paused and not self._closing:
+        if not self._paused and not self._closing and not self._writer.busy:
             self._transport.resume_reading()
+
+    def _writer_idle(self) -> None:
+        """The blocked direct reply is on the wire: go on with the queue."""
+        self._run()
+        if not self._paused and not self._closing and not self._writer.busy:
+            self._transport.resume_reading()
+
+    def _writer_aborted(self, exc: Exception) -> None:
+        log.warning("nbd %s: %s", self._peer, exc)
+        self._abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -136,12 +148,14 @@ class NbdServerProtocol(asyncio.Protocol):
         self._run()
 
     def _run(self) -> None:
-        queue = self._queue
+        queue, writer = self._queue, self._writer
         try:
-            while queue and not self._paused and not self._closing:
+            while queue and not self._paused and not self._closing and not writer.busy:
                 self._dispatch(queue.popleft())
-            if not self._closing:
-                self._writer.flush()
+            if writer.busy:
+                self._transport.pause_reading()  # resumed by _writer_idle
+            elif not self._closing:
+                writer.flush()
                 if self._hand_off_now and not queue:
                     self._hand_off()
         except Exception:

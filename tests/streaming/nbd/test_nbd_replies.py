@@ -1,8 +1,10 @@
-"""ReplyWriter: raw sendfile that runs out of socket buffer hands the rest, in order,
-to the transport; batching flushes at the cap; read errors surface before any byte."""
+"""ReplyWriter: raw sendfile that runs out of socket buffer waits for space and goes on
+(with an event loop) or hands the rest, in order, to the transport (without); batching
+flushes at the cap; read errors surface before any byte."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
@@ -102,6 +104,33 @@ def test_eof_during_sendfile_after_the_header_aborts(image) -> None:
     writer = ReplyWriter(FakeTransport(server), flush_bytes=1 << 20, sendfile_min_bytes=4096)
     with pytest.raises(ReplyAborted):
         writer.read_reply(1, [Extent(fd, 4 * 2**20 - 4096, 8192)])  # file ends mid-extent
+    writer.close()
+    server.close()
+    client.close()
+
+
+async def test_a_full_socket_makes_the_writer_busy_until_sendfile_is_done(image) -> None:
+    fd, data = image
+    server, client = socket.socketpair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    server.setblocking(False)
+    idle, aborted = asyncio.Event(), []
+    transport = FakeTransport(server)
+    writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024,
+                         loop=asyncio.get_running_loop(), on_idle=idle.set, on_abort=aborted.append)
+    extents = [Extent(fd, 0, 2**20), Extent(-1, 0, 4096), Extent(fd, 3 * 2**20, 2**20)]
+    expected = encode_simple_reply(0, 99) + data[: 2**20] + bytes(4096) + data[3 * 2**20 :]
+    writer.read_reply(99, extents)
+    assert writer.busy and not idle.is_set()  # the socket filled up mid-reply
+    received = bytearray()
+    for _ in range(10_000):
+        received += drain(client)
+        if len(received) >= len(expected) and idle.is_set():
+            break
+        await asyncio.sleep(0.001)
+    assert bytes(received) == expected
+    assert idle.is_set() and not writer.busy and not aborted
+    assert transport.written == b""  # nothing was copied through the transport
     writer.close()
     server.close()
     client.close()
