@@ -88,6 +88,8 @@ async def serve(args: argparse.Namespace) -> None:
     pool = WorkerPool(args.workers, config) if args.workers > 0 else None
     if pool is not None:
         pool.start()
+        if not await pool.wait_ready():
+            sys.exit("nbd workers did not start")
     server = await start_nbd_server(resolver, args.host, args.port, config=config, pool=pool)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

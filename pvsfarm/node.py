@@ -190,6 +190,8 @@ class Node(OfflineMixin, HealthMixin):
             pool = WorkerPool(cfg.workers, NbdServerConfig(max_request_bytes=cfg.max_request_bytes))
             pool.start()
             self.closers.append(pool.close)
+            if not await pool.wait_ready():
+                self.say("nbd: workers slow to start; the node serves connections itself meanwhile")
         server = await start_nbd_server(self.exports, cfg.listen_address, cfg.listen_port,
                                         max_request_bytes=cfg.max_request_bytes, pool=pool)
         self.closers.append(server.close)

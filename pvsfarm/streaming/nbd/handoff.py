@@ -14,7 +14,10 @@ one session and serves them.
 
 Control messages, one JSON object per datagram:
   main -> worker  ``conn`` (+ the socket fd), ``drop`` (close one connection), ``ping`` (~1 s)
-  worker -> main  ``io`` (per-connection byte totals, ~0.5 s), ``closed``
+  worker -> main  ``ready`` (once, when it serves), ``io`` (per-connection byte totals,
+                  ~0.5 s), ``closed``
+Connections go only to ready workers; with none ready (starting, or failing to start)
+the main process serves them itself.
 Main keeps each handed-over export open until the worker reports it closed,
 feeds the journal (``on_io``) and releases it (``release_export``).
 
@@ -66,6 +69,7 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     ctl: socket.socket
     conns: set[int] = field(default_factory=set)
+    ready: bool = False
     dead: bool = False
 
 
@@ -96,6 +100,16 @@ class WorkerPool:
             self._spawn(i)
         self._pinger = self._loop.call_later(PING_INTERVAL_S, self._ping)
 
+    async def wait_ready(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every worker serves (False on timeout: the rest are used as they come)."""
+        assert self._loop is not None
+        end = self._loop.time() + timeout_s
+        while len(self.pids()) < self._n:
+            if self._loop.time() > end:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     def close(self) -> None:
         """Stop every worker (their connections close) and release the exports."""
         self._closed = True
@@ -113,7 +127,8 @@ class WorkerPool:
                     w.proc.wait()
 
     def pids(self) -> list[int]:
-        return [w.proc.pid for w in self._workers if w is not None and not w.dead]
+        """Pids of the workers that serve (ready and not known dead)."""
+        return [w.proc.pid for w in self._workers if w is not None and w.ready and not w.dead]
 
     def connections(self) -> int:
         return len(self._exports)
@@ -166,7 +181,7 @@ class WorkerPool:
     def hand_off(self, sock_fd: int, device_spec: dict[str, Any], info: ExportInfo, pending: bytes,
                  opened: OpenedExport) -> int | None:
         """Send connection ``sock_fd`` to a worker; its id, or None (then keep serving here)."""
-        live = [w for w in self._workers if w is not None and not w.dead]
+        live = [w for w in self._workers if w is not None and w.ready and not w.dead]
         if self._closed or not live or len(pending) > MAX_MESSAGE_BYTES // 4:
             return None
         worker = min(live, key=lambda w: (len(w.conns), w.index))
@@ -223,7 +238,9 @@ class WorkerPool:
 
     def _handle(self, w: _Worker, msg: dict[str, Any]) -> None:
         op = msg.get("op")
-        if op == "io":
+        if op == "ready":
+            w.ready = True
+        elif op == "io":
             for cid, nread, nwritten in msg["io"]:
                 entry = self._exports.get(cid)
                 if entry is not None and entry[1].on_io is not None:

@@ -50,6 +50,7 @@ class Worker:
         self._ctl.setblocking(False)
         self._loop.add_reader(self._ctl.fileno(), self._readable)
         self._loop.call_later(IO_REPORT_S, self._report)
+        self._send({"op": "ready"})
 
     def stop(self, why: str) -> None:
         """Close every connection at once and end the process's main loop."""

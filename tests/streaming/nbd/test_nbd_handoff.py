@@ -74,6 +74,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     resolver = CacheResolver(base, tmp_path / "s.cow")
     pool = WorkerPool(2)
     pool.start()
+    assert await pool.wait_ready()
     server = await start_nbd_server(resolver, "127.0.0.1", 0, pool=pool)
     s = Served(server.sockets[0].getsockname()[1], data, base, resolver, pool)
     yield s
