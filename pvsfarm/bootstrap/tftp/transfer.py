@@ -51,6 +51,7 @@ BUSY_SLICE_S = 0.002
 """Longest run of busy-polled blocks in one callback before the event loop
 gets a turn (~250 lock-step blocks on loopback; uvloop's clock ticks in ms)."""
 MAX_BACKOFF = 64
+SPIN_AFTER_MISSES = 8
 """After a poll that timed out, that many (doubling) ACKs are awaited in the
 event loop before polling again."""
 
@@ -72,6 +73,7 @@ class Transfer:
         self.busy_hits = 0
         """Datagrams received by busy polling (a test and tuning signal)."""
         self._backoff = 0  # ACKs to await in the event loop before polling again
+        self._misses = 0  # ACKs in a row not there right after the send (see _spinning)
         self._skip = 0
 
     def start(self) -> None:
@@ -115,6 +117,20 @@ class Transfer:
             except OSError as exc:
                 self._abandon(exc)
                 return
+            else:
+                self._misses = 0
+
+    def _spinning(self) -> bool:
+        """Whether to spin for an ACK that was not there right after the send,
+        nor after yielding the CPU once.  Not at first: while ACKs come back at
+        once (the client shares this CPU), sleeping in the event loop keeps the
+        scheduler packing the two together; spinning would make this CPU look
+        busy and move the client away.  After `SPIN_AFTER_MISSES` misses in a
+        row the client runs elsewhere, and spinning saves this side's wake-up."""
+        if self._misses < SPIN_AFTER_MISSES:
+            self._misses += 1
+            return False
+        return True
 
     def _receive(self, data: bytes) -> bool:
         """The general path for one datagram; False if the transfer crashed."""
@@ -159,21 +175,28 @@ class Transfer:
         """The next datagram if it arrives within ``busy_poll_s``; None (back to
         the event loop, which wakes this transfer when it does) otherwise."""
         recv, monotonic, sched_yield = self.sock.recv, time.monotonic, os.sched_yield
-        until = monotonic() + self.busy_poll_s
+        until = 0.0
         while True:
             sched_yield()  # a client woken on this CPU by our send gets to answer
             try:
                 data = recv(65536)
             except (BlockingIOError, InterruptedError):
-                if monotonic() >= until:
+                if not until:  # the client is not on this CPU
+                    if not self._spinning():
+                        return None
+                    until = monotonic() + self.busy_poll_s
+                elif monotonic() >= until:
                     self._backoff = min(2 * self._backoff or 1, MAX_BACKOFF)
                     self._skip = self._backoff
                     return None
                 continue
             except OSError as exc:
                 return self._abandon(exc)
-            self._backoff = 0
-            self.busy_hits += 1
+            if until:
+                self._backoff = 0
+                self.busy_hits += 1
+            else:
+                self._misses = 0
             return data
 
     def _on_timer(self) -> None:

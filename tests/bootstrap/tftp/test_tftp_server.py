@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -304,3 +305,99 @@ async def test_block_number_rollover_with_real_clients(server: TftpServer, tmp_p
         opts = ["--option", "blksize 8", "--option", "windowsize 32"]
         rc = await run("atftp", *opts, "-g", "-r", "wrap.bin", "-l", str(out), "127.0.0.1", str(server.port))
     assert rc == 0 and out.read_bytes() == content
+
+
+# A lock-step client in its own process (so it answers while the server busy-polls the
+# event loop's thread): waits ``delay`` before each ACK, sends junk and a duplicate ACK
+# mid-transfer, skips the ACK of block ``drop`` once (the server must resend that block).
+SLOW_CLIENT = r"""
+import socket, struct, sys, time
+port, name, delay, drop, out = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(b"\x00\x01" + name.encode() + b"\x00octet\x00", ("127.0.0.1", port))
+got, expect, seen, dropped = bytearray(), 1, [], False
+while True:
+    data, tid = s.recvfrom(65536)
+    op, block = struct.unpack(">HH", data[:4])
+    assert op == 3, data
+    seen.append(block)
+    if block == expect:
+        got += data[4:]
+        expect += 1
+    if block == drop and not dropped:
+        dropped = True
+        continue
+    time.sleep(delay)
+    if block == 3:
+        s.sendto(b"\xff\xff junk", tid)
+        s.sendto(struct.pack(">HH", 4, 1), tid)  # a late duplicate ACK
+    s.sendto(struct.pack(">HH", 4, block), tid)
+    if len(data) < 516:
+        break
+open(out, "wb").write(got)
+print(seen.count(drop))
+"""
+
+
+async def slow_client(port: int, name: str, out: Path, delay: float = 0.002, drop: int = 0) -> tuple[int, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLOW_CLIENT, str(port), name, str(delay), str(drop), str(out),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    return int(stdout), out.read_bytes()
+
+
+async def test_busy_polling_serves_a_slow_client_with_junk_and_a_lost_ack(root: Path, tmp_path: Path) -> None:
+    """The client answers only after 2 ms: the server's immediate recv misses and,
+    after a few misses, it busy-polls (a long window here, so every ACK is caught
+    by the poll).  Junk, a duplicate ACK and a lost ACK on that path: the content is
+    exact, the block whose ACK was lost went out twice (timer), the slot is freed."""
+    (root / "f40k.bin").write_bytes(os.urandom(40 * 512 + 100))
+    srv = await make_server(root, busy_poll_us=300_000, timeout_s=0.5)
+    try:
+        sent_twice, content = await slow_client(srv.port, "f40k.bin", tmp_path / "out", drop=30)
+        assert content == (root / "f40k.bin").read_bytes()
+        assert sent_twice == 2
+        assert srv.busy_poll_hits > 0
+        assert srv.active_transfers == 0
+    finally:
+        srv.close()
+
+
+async def test_no_busy_polling_beyond_busy_poll_transfers(root: Path, tmp_path: Path) -> None:
+    (root / "f10k.bin").write_bytes(os.urandom(20 * 512 + 1))
+    srv = await make_server(root, busy_poll_us=300_000, busy_poll_transfers=0)
+    try:
+        _, content = await slow_client(srv.port, "f10k.bin", tmp_path / "out")
+        assert content == (root / "f10k.bin").read_bytes()
+        assert srv.busy_poll_hits == 0
+    finally:
+        srv.close()
+
+
+@needs_curl
+async def test_curl_with_busy_polling_disabled(root: Path, tmp_path: Path) -> None:
+    srv = await make_server(root, busy_poll_us=0)
+    try:
+        out = tmp_path / "out"
+        url = f"tftp://127.0.0.1:{srv.port}/f1m.bin"
+        assert await run("curl", "-s", "--tftp-blksize", "1468", "-o", str(out), url) == 0
+        assert out.read_bytes() == (root / "f1m.bin").read_bytes()
+        assert srv.busy_poll_hits == 0
+    finally:
+        srv.close()
+
+
+async def test_close_during_a_transfer(server: TftpServer, peer: Peer) -> None:
+    peer.send(ReadRequest("f1m.bin"), server.port)
+    msg, port = await peer.recv()
+    peer.send(Ack(1), port)
+    msg, _ = await peer.recv()
+    assert isinstance(msg, Data) and msg.block == 2
+    server.close()
+    assert server.active_transfers == 0
+    peer.send(Ack(2), port)
+    assert await peer.silent(0.5)  # no DATA 3, no retransmission of 2

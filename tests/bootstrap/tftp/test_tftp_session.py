@@ -242,3 +242,101 @@ def test_file_shrinking_under_us_raises_at_send() -> None:
     s = ReadSession.start(ReadRequest("f"), 2000, lambda off, n: b"x" * min(n, 100), LIMITS)
     with pytest.raises(StoreError):  # a short read must not go out as a short (final) block
         s.datagrams_to_send(0)
+
+
+def _step(s: ReadSession, datagram: bytes, now: float, fast: bool) -> list[bytes]:
+    """Feed one datagram the way the server does (``fast``: `next_window` first)."""
+    if fast:
+        window = s.next_window(datagram, now)
+        if window is not None:
+            return window
+    s.receive(datagram, now)
+    return s.datagrams_to_send(now)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    size=st.integers(0, 140_000),
+    blksize=st.sampled_from([100, 1468, 9000]),
+    window=st.integers(1, 9),
+    loss=st.floats(0, 0.3),
+    seed=st.integers(0, 2**32),
+)
+def test_next_window_is_receive_then_datagrams_to_send(
+    size: int, blksize: int, window: int, loss: float, seed: int
+) -> None:
+    """Two sessions fed the same datagrams and clock, one through the fast path:
+    the same datagrams out, the same deadlines, the same end; the receiver gets
+    the exact file (across read-ahead chunks, resent windows, junk and duplicates)."""
+    rng = random.Random(seed)
+    content = rng.randbytes(size)
+    opts = (("blksize", str(blksize)), ("windowsize", str(window)))
+    limits = SessionLimits(max_retries=10_000)
+    general, fast = start(content, *opts, limits=limits), start(content, *opts, limits=limits)
+    now, got, expect = 0.0, bytearray(), 1
+    batch = general.datagrams_to_send(now)
+    assert fast.datagrams_to_send(now) == batch
+    while not general.finished:
+        if not batch:
+            now = general.next_deadline()
+            general.handle_timer(now)
+            fast.handle_timer(now)
+            batch = general.datagrams_to_send(now)
+            assert fast.datagrams_to_send(now) == batch
+            continue
+        for m in (parse(d) for d in batch if rng.random() >= loss):
+            if isinstance(m, Data) and m.block == expect & 0xFFFF:
+                got += m.payload
+                expect += 1
+        inputs = [ack((expect - 1) & 0xFFFF)] if rng.random() >= loss else []
+        if rng.random() < 0.1:
+            inputs.insert(0, rng.choice([ack((expect - 2) & 0xFFFF), b"\x00\x04", b"\xff\x00", ack(expect + 50)]))
+        if rng.random() < 0.05 and inputs:
+            inputs[-1] += b"\x00"  # trailing octet: a valid ACK, for the general path only
+        now += 0.001
+        batch = []
+        for datagram in inputs:
+            out_general = _step(general, datagram, now, fast=False)
+            assert _step(fast, datagram, now, fast=True) == out_general
+            batch += out_general
+        assert fast.next_deadline() == general.next_deadline() and fast.finished == general.finished
+    assert bytes(got) == content
+
+
+def test_next_window_declines_without_changing_anything() -> None:
+    content = os.urandom(4500)
+    s = start(content, ("blksize", "1000"), ("windowsize", "2"))
+    out(s)
+    assert s.next_window(ack(0), 0) is None  # the OACK's ACK: general path
+    s.receive(ack(0), 0)
+    assert s.next_window(ack(2), 0) is None  # DATA 1-2 not taken out yet
+    assert [m.block for m in out(s)] == [1, 2]
+    for other in (ack(1), ack(3), ack(0), ack(2) + b"x", b"\x00\x04\x00", serialize(Error(0, "x"))):
+        assert s.next_window(other, 0) is None  # partial, never sent, duplicate, odd length, ERROR
+    assert out(s) == [] and not s.finished
+    assert [parse(d).block for d in s.next_window(ack(2), 1.0)] == [3, 4]  # type: ignore[union-attr, attr-defined]
+    assert s.next_deadline() == 2.0
+    assert s.next_window(ack(4), 1.0) == [serialize(Data(5, content[4000:]))]
+    assert s.next_window(ack(5), 1.0) is None  # the last ACK completes: `receive` reports it
+    assert s.receive(ack(5), 1.0) == [TransferComplete(5, 4500)]
+    assert s.next_window(ack(5), 1.0) is None
+
+
+def test_file_is_read_ahead_in_chunks() -> None:
+    content = os.urandom(200_000)
+    reads: list[tuple[int, int]] = []
+
+    def read_at(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return content[offset : offset + length]
+
+    s = ReadSession.start(ReadRequest("f", options=(("blksize", "1468"),)), len(content), read_at, LIMITS)
+    got = bytearray()
+    s.datagrams_to_send(0)
+    datagrams = s.next_window(ack(0), 0) or (s.receive(ack(0), 0), s.datagrams_to_send(0))[1]
+    while not s.finished:
+        [m] = [parse(d) for d in datagrams]
+        got += m.payload  # type: ignore[union-attr]
+        datagrams = s.next_window(ack(m.block), 0) or (s.receive(ack(m.block), 0), s.datagrams_to_send(0))[1]  # type: ignore[union-attr]
+    assert bytes(got) == content
+    assert len(reads) == 4 and all(length <= 65536 for _, length in reads)  # not one read per block
