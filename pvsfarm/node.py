@@ -37,6 +37,7 @@ from pvsfarm.node_offline import OfflineMixin
 from pvsfarm.errors import DatabaseUnavailable, PvsfarmError
 from pvsfarm.streaming.exports import Exports
 from pvsfarm.streaming.http_api import HttpApi
+from pvsfarm.streaming.http_fast import start_fast_boot
 from pvsfarm.streaming.journal import Journal, write_batch
 from pvsfarm.store.replicate import add_peer_routes, replicator_for
 from pvsfarm.streaming.login import LoginService
@@ -169,9 +170,11 @@ class Node(OfflineMixin, HealthMixin):
         add_peer_routes(webapp, self.inventory, self.cfg.name, lambda: self.inventory.snapshot.secret)
         runner = web.AppRunner(webapp, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, cfg.listen_address, cfg.listen_port).start()
+        assert runner.server is not None
+        # GET /boot is answered in front of aiohttp on the same port; the rest is aiohttp's (http_fast)
+        stop_fast = await start_fast_boot(self.http.boot_answer, runner.server, cfg.listen_address, cfg.listen_port)
         await self.add_admin_site(runner)
-        self.closers.append(runner.cleanup)
+        self.closers += [runner.cleanup, stop_fast]
         self.say(f"http: listening on {cfg.listen_address}:{cfg.listen_port} (login API, bootstrap, sanboot)")
 
     async def _health(self, _request: web.Request) -> web.Response:

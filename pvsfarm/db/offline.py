@@ -18,7 +18,7 @@ from typing import Any
 from pvsfarm.addr import MacAddress
 from pvsfarm.db.snapshot import Snapshot
 from pvsfarm.errors import StoreError
-from pvsfarm.streaming.journal import Journal, _Io, _Open
+from pvsfarm.streaming.journal import Journal, _Io
 from pvsfarm.views import (BootMethod, BootstrapMode, BootstrapView, CacheType, CopyState, CopyView, DeviceView,
                            ServerState, ServerView, VDiskMode, VDiskView)
 
@@ -65,7 +65,7 @@ def snapshot_from_json(text: str) -> Snapshot:
 
 def journal_to_json(j: Journal) -> str:
     return json.dumps({
-        "opened": [[o.session_id, o.mac, o.vdisk, o.server, o.at] for o in j.opened],
+        "opened": [list(o) for o in j.opened],
         "io": {sid: [e.bytes_read, e.bytes_written, e.last_at] for sid, e in j.io.items()},
         "moved": j.moved,
         "ended": j.ended,
@@ -74,7 +74,7 @@ def journal_to_json(j: Journal) -> str:
 
 def journal_from_json(text: str) -> Journal:
     d = json.loads(text)
-    return Journal(opened=[_Open(*o) for o in d["opened"]], io={k: _Io(*v) for k, v in d["io"].items()},
+    return Journal(opened=[tuple(o) for o in d["opened"]], io={k: _Io(*v) for k, v in d["io"].items()},
                    moved=dict(d["moved"]), ended={k: float(v) for k, v in d["ended"].items()})
 
 

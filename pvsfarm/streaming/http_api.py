@@ -32,6 +32,13 @@ STREAM_CHUNK_BYTES = 1 << 20
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
+def parse_mac(raw: str | None) -> MacAddress:
+    """The ``mac`` query value (already percent-decoded once; iPXE may encode twice)."""
+    if raw is None:
+        raise InvalidInput("missing mac parameter")
+    return MacAddress.parse(unquote(raw))
+
+
 def base_url(server: ServerView) -> str:
     return f"http://{server.address}:{server.http_port}"
 
@@ -64,11 +71,8 @@ class HttpApi:
         return web.Response(text=self.bootstrap_text(), content_type="text/plain")
 
     def _mac(self, request: web.Request) -> MacAddress:
-        raw = request.query.get("mac")
-        if raw is None:
-            raise web.HTTPBadRequest(text="missing mac parameter\n")
         try:
-            return MacAddress.parse(unquote(raw))
+            return parse_mac(request.query.get("mac"))
         except InvalidInput as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
 
@@ -86,17 +90,28 @@ class HttpApi:
         return [u for u in others if u != self.self_url] + [self.self_url]
 
     async def boot(self, request: web.Request) -> web.Response:
+        status, text = self.boot_answer(request.query.get("mac"), request.query.get("exclude", ""))
+        if status != 200:
+            raise web.HTTPBadRequest(text=text)
+        return web.Response(text=text, content_type="text/plain")
+
+    def boot_answer(self, raw_mac: str | None, raw_exclude: str = "") -> tuple[int, str]:
+        """``GET /boot`` as (status, iPXE script or error text), from the decoded query values;
+        shared by the aiohttp route and the fast path (`http_fast`)."""
         try:
-            decision = self._decide(request, json_api=False)
+            mac = parse_mac(raw_mac)
+        except InvalidInput as exc:
+            return 400, f"{exc}\n"
+        exclude = frozenset(x for x in raw_exclude.split(",") if x)
+        try:
+            decision = self.login.login(mac, self.clock(), exclude=exclude)
         except (LoginRefused, NoServerAvailable) as exc:
-            return web.Response(text=retry_script(str(exc), self._retry_urls()), content_type="text/plain")
+            return 200, retry_script(str(exc), self._retry_urls())
         url = base_url(decision.server)
         if decision.vdisk.boot_method is BootMethod.KERNEL:
             nbd = f"{decision.server.address}:{decision.server.nbd_port}"
-            text = kernel_script(decision.server.name, url, decision.token, decision.vdisk.name, nbd, "")
-        else:
-            text = sanboot_script(decision.server.name, url, decision.token, decision.vdisk.name)
-        return web.Response(text=text, content_type="text/plain")
+            return 200, kernel_script(decision.server.name, url, decision.token, decision.vdisk.name, nbd, "")
+        return 200, sanboot_script(decision.server.name, url, decision.token, decision.vdisk.name)
 
     async def boot_json(self, request: web.Request) -> web.Response:
         try:

@@ -12,6 +12,7 @@ import datetime as dt
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
@@ -20,8 +21,16 @@ from pvsfarm.db.models import Device, Server, StreamSession, VDisk
 from pvsfarm.db.snapshot import open_sessions_by_server
 
 
-@dataclass
-class _Open:
+OpenEvent = tuple[str, str, str, str, float]
+"""(session id, MAC, vDisk, server, at), stored as a plain tuple: the cyclic GC stops tracking
+an exact tuple of strings and floats after one pass (not a NamedTuple or a dataclass). A
+dataclass here kept every login of a flush round (10k-130k under the login benchmark) in the
+full collections, which then stopped the event loop for up to 84 ms."""
+
+
+class _Open(NamedTuple):
+    """An `OpenEvent` with names, built only while flushing."""
+
     session_id: str
     mac: str
     vdisk: str
@@ -40,7 +49,7 @@ class _Io:
 class Journal:
     """Pending session events; thread-safe (NBD runs on the loop, flush in a thread)."""
 
-    opened: list[_Open] = field(default_factory=list)
+    opened: list[OpenEvent] = field(default_factory=list)
     io: dict[str, _Io] = field(default_factory=dict)
     moved: dict[str, str] = field(default_factory=dict)
     ended: dict[str, float] = field(default_factory=dict)
@@ -48,7 +57,7 @@ class Journal:
 
     def open(self, session_id: str, mac: str, vdisk: str, server: str, at: float) -> None:
         with self._lock:
-            self.opened.append(_Open(session_id, mac, vdisk, server, at))
+            self.opened.append((session_id, mac, vdisk, server, at))
 
     def record_io(self, session_id: str, bytes_read: int, bytes_written: int, at: float) -> None:
         with self._lock:
@@ -67,6 +76,9 @@ class Journal:
     def end(self, session_id: str, at: float) -> None:
         with self._lock:
             self.ended[session_id] = at
+
+    def open_events(self) -> list[_Open]:
+        return [_Open._make(event) for event in self.opened]
 
     def pending(self) -> int:
         with self._lock:
@@ -107,13 +119,14 @@ def write_batch(session: Session, batch: Journal) -> None:
     if session.get_bind().dialect.name == "postgresql":
         _write_batch_pg(session, batch)
         return
-    devices = _ids(session, Device, Device.mac, {o.mac for o in batch.opened})
-    vdisks = _ids(session, VDisk, VDisk.name, {o.vdisk for o in batch.opened})
-    servers = _ids(session, Server, Server.name, {o.server for o in batch.opened} | set(batch.moved.values()))
+    events = batch.open_events()
+    devices = _ids(session, Device, Device.mac, {o.mac for o in events})
+    vdisks = _ids(session, VDisk, VDisk.name, {o.vdisk for o in events})
+    servers = _ids(session, Server, Server.name, {o.server for o in events} | set(batch.moved.values()))
     known = set(session.scalars(select(StreamSession.token).where(
-        StreamSession.token.in_({o.session_id for o in batch.opened})))) if batch.opened else set()
+        StreamSession.token.in_({o.session_id for o in events})))) if events else set()
     # a journal replayed after a crash (written back, not yet cleared) must not insert twice
-    opened = [o for o in batch.opened if o.mac in devices and o.vdisk in vdisks and o.server in servers
+    opened = [o for o in events if o.mac in devices and o.vdisk in vdisks and o.server in servers
               and o.session_id not in known]
     ended = dict(batch.ended)
     last_open: dict[str, _Open] = {}
@@ -156,22 +169,24 @@ def _bulk_update(session: Session, rows: list[dict[str, object]], **values: obje
 # benchmarks/login_bench.py), and psycopg2 adapting Python lists to arrays is one uninterruptible
 # C call (~10 ms for 5,000 logins), a stall of the event loop. Names are mapped to ids here, so
 # only hex ids, MACs, integers and floats travel in the strings (none contains a comma).
+_PG_KNOWN = text("SELECT token FROM stream_sessions WHERE token = ANY(string_to_array(:sids, ','))")
 _PG_OPEN = text("""
 WITH new AS (
-    SELECT u.sid, d.id AS device_id, u.vdisk_id, u.server_id, u.at, u.n
+    SELECT u.sid, d.id AS device_id, u.vdisk_id, u.server_id, u.at, CAST(NULLIF(u.end_at, '') AS float8) AS end_at, u.n
     FROM unnest(string_to_array(:sids, ','), string_to_array(:macs, ','),
                 CAST(string_to_array(:vdisk_ids, ',') AS int[]), CAST(string_to_array(:server_ids, ',') AS int[]),
-                CAST(string_to_array(:ats, ',') AS float8[])) WITH ORDINALITY AS u(sid, mac, vdisk_id, server_id, at, n)
-    JOIN devices d ON d.mac = u.mac
-    WHERE NOT EXISTS (SELECT 1 FROM stream_sessions x WHERE x.token = u.sid)),
+                CAST(string_to_array(:ats, ',') AS float8[]), string_to_array(:end_ats, ','))
+        WITH ORDINALITY AS u(sid, mac, vdisk_id, server_id, at, end_at, n)
+    JOIN devices d ON d.mac = u.mac),
 earlier AS (UPDATE stream_sessions SET ended_at = to_timestamp((SELECT min(at) FROM new))
             WHERE ended_at IS NULL AND device_id IN (SELECT device_id FROM new))
 INSERT INTO stream_sessions (token, device_id, vdisk_id, server_id, started_at, ended_at, bytes_read, bytes_written)
 SELECT sid, device_id, vdisk_id, server_id, to_timestamp(at),
-       to_timestamp(lead(at) OVER (PARTITION BY device_id ORDER BY n)), 0, 0
+       to_timestamp(COALESCE(end_at, lead(at) OVER (PARTITION BY device_id ORDER BY n))), 0, 0
 FROM new""")
-"""Inserts the new sessions; a device's open sessions end at its first new login, and a device
-that logged in twice in one batch has the earlier session end at the later login (``lead``)."""
+"""Inserts new sessions (ended already when the batch ends them); a device's open sessions end at
+its first new login; a device that logged in twice in one batch has the earlier session end at
+the later login (``lead``), unless the batch ends it explicitly."""
 _PG_MOVE = text("""
 UPDATE stream_sessions AS x SET server_id = u.server_id
 FROM unnest(string_to_array(:sids, ','), CAST(string_to_array(:server_ids, ',') AS int[])) AS u(sid, server_id)
@@ -195,15 +210,27 @@ def _csv(values: Iterable[object]) -> str:
 
 def _write_batch_pg(session: Session, batch: Journal) -> None:
     """`write_batch` on PostgreSQL. Sessions already in the database (a replayed batch) are not
-    inserted again and end nothing; rows naming an unknown device, vDisk or server are dropped."""
+    inserted again and end nothing; rows naming an unknown device, vDisk or server are dropped.
+    Ends of older sessions are written first, so the insert's "end the device's open sessions"
+    skips them, and a session opened in this batch is inserted with its end: every row is written
+    once (a second update of a row this transaction wrote also re-runs its three FK checks)."""
     run = session.connection().execute
     servers: dict[str, int] = dict(run(select(Server.name, Server.id)).all())  # type: ignore[arg-type]
+    new: list[_Open] = []
     if batch.opened:
         vdisks: dict[str, int] = dict(run(select(VDisk.name, VDisk.id)).all())  # type: ignore[arg-type]
-        opened = [o for o in batch.opened if o.vdisk in vdisks and o.server in servers]
-        run(_PG_OPEN, {"sids": _csv(o.session_id for o in opened), "macs": _csv(o.mac for o in opened),
-                       "vdisk_ids": _csv(vdisks[o.vdisk] for o in opened),
-                       "server_ids": _csv(servers[o.server] for o in opened), "ats": _csv(o.at for o in opened)})
+        known = set(run(_PG_KNOWN, {"sids": _csv(o[0] for o in batch.opened)}).scalars())
+        new = [o for o in batch.open_events()
+               if o.session_id not in known and o.vdisk in vdisks and o.server in servers]
+    new_ids = {o.session_id for o in new}
+    older = {sid: at for sid, at in batch.ended.items() if sid not in new_ids}
+    if older:
+        run(_PG_END, {"sids": _csv(older), "ats": _csv(older.values())})
+    if new:
+        run(_PG_OPEN, {"sids": _csv(o.session_id for o in new), "macs": _csv(o.mac for o in new),
+                       "vdisk_ids": _csv(vdisks[o.vdisk] for o in new),
+                       "server_ids": _csv(servers[o.server] for o in new), "ats": _csv(o.at for o in new),
+                       "end_ats": _csv(batch.ended.get(o.session_id, "") for o in new)})
     moved = {sid: servers[name] for sid, name in batch.moved.items() if name in servers}
     if moved:
         run(_PG_MOVE, {"sids": _csv(moved), "server_ids": _csv(moved.values())})
@@ -211,8 +238,6 @@ def _write_batch_pg(session: Session, batch: Journal) -> None:
         io = batch.io.values()
         run(_PG_IO, {"sids": _csv(batch.io), "r": _csv(e.bytes_read for e in io),
                      "w": _csv(e.bytes_written for e in io), "ats": _csv(e.last_at for e in io)})
-    if batch.ended:
-        run(_PG_END, {"sids": _csv(batch.ended), "ats": _csv(batch.ended.values())})
 
 
 def live_load(session: Session, server_name: str) -> int:
