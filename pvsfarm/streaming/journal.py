@@ -216,21 +216,19 @@ def _write_batch_pg(session: Session, batch: Journal) -> None:
     once (a second update of a row this transaction wrote also re-runs its three FK checks)."""
     run = session.connection().execute
     servers: dict[str, int] = dict(run(select(Server.name, Server.id)).all())  # type: ignore[arg-type]
-    new: list[_Open] = []
+    new: list[OpenEvent] = []  # plain tuples, not _Open: a batch can hold 100k of them (see OpenEvent)
     if batch.opened:
         vdisks: dict[str, int] = dict(run(select(VDisk.name, VDisk.id)).all())  # type: ignore[arg-type]
-        known = set(run(_PG_KNOWN, {"sids": _csv(o[0] for o in batch.opened)}).scalars())
-        new = [o for o in batch.open_events()
-               if o.session_id not in known and o.vdisk in vdisks and o.server in servers]
-    new_ids = {o.session_id for o in new}
+        known = set(run(_PG_KNOWN, {"sids": _csv(e[0] for e in batch.opened)}).scalars())
+        new = [e for e in batch.opened if e[0] not in known and e[2] in vdisks and e[3] in servers]
+    new_ids = {e[0] for e in new}
     older = {sid: at for sid, at in batch.ended.items() if sid not in new_ids}
     if older:
         run(_PG_END, {"sids": _csv(older), "ats": _csv(older.values())})
     if new:
-        run(_PG_OPEN, {"sids": _csv(o.session_id for o in new), "macs": _csv(o.mac for o in new),
-                       "vdisk_ids": _csv(vdisks[o.vdisk] for o in new),
-                       "server_ids": _csv(servers[o.server] for o in new), "ats": _csv(o.at for o in new),
-                       "end_ats": _csv(batch.ended.get(o.session_id, "") for o in new)})
+        run(_PG_OPEN, {"sids": _csv(e[0] for e in new), "macs": _csv(e[1] for e in new),
+                       "vdisk_ids": _csv(vdisks[e[2]] for e in new), "server_ids": _csv(servers[e[3]] for e in new),
+                       "ats": _csv(e[4] for e in new), "end_ats": _csv(batch.ended.get(e[0], "") for e in new)})
     moved = {sid: servers[name] for sid, name in batch.moved.items() if name in servers}
     if moved:
         run(_PG_MOVE, {"sids": _csv(moved), "server_ids": _csv(moved.values())})
