@@ -3,6 +3,8 @@
 Public entry points: :func:`start_nbd_server`, :class:`NbdConfig`, :func:`install_uvloop`,
 and the backend interface (:class:`BlockDevice`, :class:`Extent`, :class:`OpenedExport`,
 :class:`ExportResolver`) with :class:`FileDevice` and :class:`DictResolver`.
+``handoff.WorkerPool`` (main process) and ``worker`` (the worker processes) move
+connections to other processes after the handshake (``nbd.workers``).
 """
 
 from pvsfarm.streaming.nbd.backend import (
