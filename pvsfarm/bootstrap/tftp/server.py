@@ -73,10 +73,11 @@ class TftpSettings:
     single-threaded server uses every core in a boot storm (bench: 2 workers)."""
 
     busy_poll_us: int = 100
-    """After sending, poll a transfer's socket this long for the ACK before
-    sleeping in the event loop; 0 disables (see `transfer.py`: lock-step
-    32 MiB on two vCPUs ~20 -> ~140 MB/s with 100 us; an ACK usually comes
-    back within 10-30 us on loopback)."""
+    """How long a transfer whose client runs on another CPU spins for the ACK
+    before sleeping in the event loop; 0 disables (see `transfer.py`; bench
+    VM, 32 MiB lock-step on two vCPUs: ~20 -> ~55-60 MB/s; an ACK comes back
+    within ~25 us there).  Keep it far below ``timeout_s``: no timer fires
+    during a spin."""
     busy_poll_transfers: int = 2
     """Busy polling only while at most this many transfers run: with more,
     the event loop always has another socket ready and polling one would

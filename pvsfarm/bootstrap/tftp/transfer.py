@@ -5,20 +5,29 @@ Raw ``recv``/``send`` on a connected non-blocking socket from an
 throughput is the per-block cost, and this skips the transport layer (and
 works the same on uvloop, whose transports have their own overheads).
 
-Busy polling: lock-step throughput is one round trip per block, and the
-costliest part of that round trip is not Python but waking a sleeping
-process on another CPU.  Measured on the 2-vCPU bench VM (atftp, 32 MiB,
-blksize 1468): server and client on one CPU ~130 MB/s, on two CPUs
-~20 MB/s -- tftpd-hpa alike (190 vs 20).  So after sending, a transfer
-polls its socket for the next ACK for up to ``busy_poll_s`` (yielding the
-CPU between polls, for a client sharing it) before going back to the event
-loop: ~140 MB/s on two CPUs.  This is what ``SO_BUSY_POLL`` does in the
-kernel for NICs (loopback has no NAPI to poll).  It is bounded three ways:
-only while few transfers run (the server decides, a storm never polls), at
-most ``BUSY_SLICE_S`` per callback so the rest of the node's event loop
-(DHCP, NBD, HTTP) runs between slices, and a poll that times out (a slow or
-distant client) backs off exponentially, so a client that never answers
-within the window costs almost no CPU.
+Lock-step throughput is one round trip per block, and on the 2-vCPU bench
+VM the costliest part of it is not Python but waking a process that sleeps
+on the other CPU (~20 us there).  Measured with atftp, 32 MiB, blksize 1468:
+server and client sharing a CPU ~175 MB/s (tftpd-hpa ~200), on two CPUs
+~20 MB/s when both sleep (tftpd-hpa alike).  So one callback serves as many
+ACKs as come in, without a trip through the poller per block:
+
+1. after sending, recv() at once: a client sharing this CPU, woken by the
+   send, has usually answered already;
+2. else sched_yield() and recv() again: a client woken on this CPU but not
+   yet run answers during the yield;
+3. else, once 8 ACKs in a row missed both (`SPIN_AFTER_MISSES`: the client
+   runs on another CPU), spin on recv() for up to ``busy_poll_s``, so only
+   the client's wake-up is paid (~55-60 MB/s instead of ~20).  Not sooner:
+   spinning makes this CPU look busy and the scheduler then keeps the
+   client off it.  This is what ``SO_BUSY_POLL`` does in the kernel for
+   NICs (loopback has no NAPI to poll).
+
+Bounded: only while at most ``busy_poll_transfers`` transfers run (a storm
+never polls), at most `BUSY_SLICE_S` per callback so the node's event loop
+(DHCP, NBD, HTTP) runs between slices, and a spin that times out (a slow or
+distant client) backs off exponentially (`MAX_BACKOFF`).  The per-block
+session work is `ReadSession.next_window`.
 """
 
 from __future__ import annotations
@@ -51,9 +60,10 @@ BUSY_SLICE_S = 0.002
 """Longest run of busy-polled blocks in one callback before the event loop
 gets a turn (~250 lock-step blocks on loopback; uvloop's clock ticks in ms)."""
 MAX_BACKOFF = 64
-SPIN_AFTER_MISSES = 8
-"""After a poll that timed out, that many (doubling) ACKs are awaited in the
+"""After a spin that timed out, that many (doubling) ACKs are awaited in the
 event loop before polling again."""
+SPIN_AFTER_MISSES = 8
+"""ACKs in a row found neither at once nor after a yield before spinning."""
 
 
 class Transfer:
