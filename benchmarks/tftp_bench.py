@@ -12,7 +12,11 @@ Tests (blksize 1468 = the Ethernet-MTU size PXE ROMs ask for):
                        ignore the option and run lock-step)
 * ``stormN``           N concurrent curl RRQs of the 1 MiB file: wall seconds
                        until the last ends, and how many got the exact size.
-A transfer counts only if the received size is exact.  ``pvsfarm`` is one
+A transfer counts only if the received size is exact.
+On the 2-vCPU bench VM lock-step figures are bimodal for every server: about
+200 MB/s while server and client share a CPU, about 20 MB/s when each sleeps
+on its own CPU (waking a halted vCPU costs ~20 us per block and side), and
+the kernel picks the placement; read the [min-max] next to each median.  ``pvsfarm`` is one
 process; ``pvsfarm-Nw`` is N processes sharing the port (SO_REUSEPORT), the
 way a C server's forks/threads use every core.
 
