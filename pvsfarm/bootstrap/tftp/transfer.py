@@ -82,6 +82,8 @@ class Transfer:
         self.may_busy_poll = may_busy_poll
         self.busy_hits = 0
         """Datagrams received by busy polling (a test and tuning signal)."""
+        self.busy_misses = 0
+        """Busy polls that timed out."""
         self._backoff = 0  # ACKs to await in the event loop before polling again
         self._misses = 0  # ACKs in a row not there right after the send (see _spinning)
         self._skip = 0
@@ -196,6 +198,7 @@ class Transfer:
                         return None
                     until = monotonic() + self.busy_poll_s
                 elif monotonic() >= until:
+                    self.busy_misses += 1
                     self._backoff = min(2 * self._backoff or 1, MAX_BACKOFF)
                     self._skip = self._backoff
                     return None
@@ -257,9 +260,9 @@ class Transfer:
     def _log_one(self, event: TransferEvent) -> None:
         if isinstance(event, TransferComplete):
             log.info(
-                "tftp: sent %r to %s (%d bytes, blksize %d, window %d, %d retransmissions)",
+                "tftp: sent %r to %s (%d bytes, blksize %d, window %d, %d retransmissions, busy polls %d/%d)",
                 self.name, self.peer, event.size_bytes, self.session.blksize, self.session.windowsize,
-                self.session.retransmissions,
+                self.session.retransmissions, self.busy_hits, self.busy_hits + self.busy_misses,
             )
         elif isinstance(event, TransferTimedOut):
             log.warning("tftp: %r to %s timed out after %d retries", self.name, self.peer, event.retries)
