@@ -72,12 +72,14 @@ class TftpSettings:
     spreads clients among them by address hash: one process per core is how a
     single-threaded server uses every core in a boot storm (bench: 2 workers)."""
 
-    busy_poll_us: int = 100
+    busy_poll_us: int = 50
     """How long a transfer whose client runs on another CPU spins for the ACK
-    before sleeping in the event loop; 0 disables (see `transfer.py`; bench
-    VM, 32 MiB lock-step on two vCPUs: ~20 -> ~55-60 MB/s; an ACK comes back
-    within ~25 us there).  Keep it far below ``timeout_s``: no timer fires
-    during a spin."""
+    before sleeping in the event loop; 0 disables (see `transfer.py`).  Bench
+    VM, 32 MiB lock-step on two vCPUs, interleaved A/B: 0 us ~20 MB/s, 50 us
+    ~50, 100 us ~53 (the ACK comes back within ~25 us); but in another state
+    of that VM, ACKs caught by 100 us spins came ~80 us late and curl ran at
+    12-19 MB/s instead of ~20: a 50 us spin gives up on those and backs off.
+    Keep it far below ``timeout_s``: no timer fires during a spin."""
     busy_poll_transfers: int = 2
     """Busy polling only while at most this many transfers run: with more,
     the event loop always has another socket ready and polling one would

@@ -18,7 +18,7 @@ ACKs as come in, without a trip through the poller per block:
    yet run answers during the yield;
 3. else, once 8 ACKs in a row missed both (`SPIN_AFTER_MISSES`: the client
    runs on another CPU), spin on recv() for up to ``busy_poll_s``, so only
-   the client's wake-up is paid (~55-60 MB/s instead of ~20).  Not sooner:
+   the client's wake-up is paid (~50 MB/s instead of ~20).  Not sooner:
    spinning makes this CPU look busy and the scheduler then keeps the
    client off it.  This is what ``SO_BUSY_POLL`` does in the kernel for
    NICs (loopback has no NAPI to poll).
