@@ -45,6 +45,7 @@ def _cache(image: str, fraction_every: int) -> WriteCache:
             n = min(block, cache.size_bytes - offset)
             cache.pwrite(offset, read_bytes(base, offset, n), False)
         base.close()
+        cache.flush()  # steady state: no writeback of the build competing with the timed reads
     return cache
 
 
