@@ -211,7 +211,8 @@ class Node(OfflineMixin, HealthMixin):
             if loader.exists() and not (root / loader.name).exists():
                 shutil.copyfile(loader, root / loader.name)
         server = await start_tftp_server(TftpSettings(root=root, host=cfg.listen_address, port=cfg.listen_port,
-                                                      max_transfers=cfg.max_transfers), self.bootstrap_file)
+                                                      max_transfers=cfg.max_transfers,
+                                                      busy_poll_us=cfg.busy_poll_us), self.bootstrap_file)
         self.closers.append(server.close)
         self.tftp_server = server
         self.say(f"tftp: listening on {cfg.listen_address}:{cfg.listen_port} (root {root})")

@@ -30,6 +30,8 @@ def test_defaults_keep_dhcp_off_and_use_embedded_sqlite(tmp_path: Path) -> None:
         ({"dhcp": {"lease_s": "long"}}, "dhcp.lease_s: expected int"),
         ({"dhcp": {"lease_s": True}}, "dhcp.lease_s: expected int"),
         ({"dhcp": {"leese_s": 5}}, "dhcp.leese_s: unknown key"),
+        ({"nbd": {"workers": -1}}, "nbd.workers: expected a non-negative int"),
+        ({"tftp": {"busy_poll_us": -5}}, "tftp.busy_poll_us: expected a non-negative int"),
         ({"bogus": 1}, "bogus: unknown key"),
         ({"nbd": 5}, "nbd: expected mapping"),
         ({"dhcp": {"dns_servers": "1.1.1.1"}}, "dhcp.dns_servers: expected list"),
@@ -52,3 +54,9 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_tftp_busy_poll_and_nbd_workers_are_configurable() -> None:
+    cfg = parse_config({"tftp": {"busy_poll_us": 0}, "nbd": {"workers": 0}})
+    assert cfg.tftp.busy_poll_us == 0
+    assert cfg.nbd.workers == 0
