@@ -17,11 +17,13 @@ from sqlalchemy import (
     DateTime,
     Enum,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -175,6 +177,12 @@ class BootstrapServer(Base):
 
 class StreamSession(Base):
     __tablename__ = "stream_sessions"
+    # The heartbeat counts open sessions per server (load): with this partial index that
+    # costs the open sessions, not the whole history (10,000 targets, reboots add rows).
+    __table_args__ = (
+        Index("ix_stream_sessions_open_server", "server_id",
+              postgresql_where=text("ended_at IS NULL"), sqlite_where=text("ended_at IS NULL")),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     token: Mapped[str] = mapped_column(String(64), unique=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
