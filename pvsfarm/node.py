@@ -198,7 +198,8 @@ class Node(OfflineMixin, HealthMixin):
         server = await start_nbd_server(self.exports, cfg.listen_address, cfg.listen_port,
                                         max_request_bytes=cfg.max_request_bytes, pool=pool)
         self.closers.append(server.close)
-        self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port}")
+        served_by = f"{cfg.workers} worker processes" if pool is not None else "this process (nbd.workers: 0)"
+        self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port} (transmission in {served_by})")
 
     def bootstrap_file(self, name: str, _peer: tuple[str, int]) -> bytes | None:
         return self.http.bootstrap_text().encode() if name.lstrip("/") in BOOTSTRAP_NAMES else None
