@@ -109,6 +109,11 @@ class CopyView:
     digest: str | None
     state: CopyState
 
+    def serves(self, vdisk: VDiskView) -> bool:
+        """A verified copy of the vDisk's current content: the only kind that is ever
+        streamed or assigned (a stale, partial or mismatched copy never is)."""
+        return self.vdisk == vdisk.name and self.state is CopyState.VERIFIED and self.digest == vdisk.digest
+
 
 @dataclass(frozen=True, slots=True)
 class BootstrapView:
@@ -130,3 +135,14 @@ class Inventory(Protocol):
     def copies(self, vdisk: str) -> Sequence[CopyView]: ...
 
     def bootstrap(self) -> BootstrapView: ...
+
+
+def servable_copy(inventory: Inventory, node: str, name: str) -> tuple[VDiskView, CopyView] | None:
+    """vDisk ``name`` and ``node``'s copy of it, if that copy `serves` it."""
+    vdisk = inventory.vdisk(name)
+    if vdisk is None:
+        return None
+    for copy in inventory.copies(name):
+        if copy.server == node and copy.serves(vdisk):
+            return vdisk, copy
+    return None

@@ -138,8 +138,7 @@ class FarmFacts:
         return {d.vdisk for d in self.devices if d.enabled and d.vdisk is not None}
 
     def verified_holders(self, vdisk: VDiskView) -> list[str]:
-        return sorted(c.server for c in self.copies if c.vdisk == vdisk.name and c.state is CopyState.VERIFIED
-                      and c.digest == vdisk.digest)
+        return sorted(c.server for c in self.copies if c.serves(vdisk))
 
 
 def _names(names: Iterable[str]) -> str:

@@ -56,7 +56,7 @@ from pvsfarm.db.models import VDisk, VDiskCopy, utcnow
 from pvsfarm.db.snapshot import Snapshot, generation
 from pvsfarm.errors import PvsfarmError, StoreError
 from pvsfarm.streaming.assign import is_live
-from pvsfarm.views import CopyState, CopyView, Inventory, ServerView, VDiskView
+from pvsfarm.views import CopyState, CopyView, Inventory, ServerView, VDiskView, servable_copy
 
 if TYPE_CHECKING:
     from pvsfarm.node import Node
@@ -104,13 +104,8 @@ def check_peer_auth(header: str | None, secret: bytes, name: str, now: float) ->
 
 def current_copy(inventory: Inventory, node: str, name: str) -> tuple[VDiskView, Path] | None:
     """This node's verified copy of vDisk ``name`` at its current digest, if any."""
-    vdisk = inventory.vdisk(name)
-    if vdisk is None:
-        return None
-    for copy in inventory.copies(name):
-        if copy.server == node and copy.state is CopyState.VERIFIED and copy.digest == vdisk.digest:
-            return vdisk, Path(copy.path)
-    return None
+    found = servable_copy(inventory, node, name)
+    return None if found is None else (found[0], Path(found[1].path))
 
 
 def add_peer_routes(app: web.Application, inventory: Inventory, node: str,
@@ -148,7 +143,7 @@ def needs(snapshot: Snapshot, node: str, now: float, dead_after_s: float) -> lis
     for name in sorted(snapshot.vdisks):
         vdisk = snapshot.vdisks[name]
         copies = snapshot.copies.get(name, ())
-        current = [c for c in copies if c.state is CopyState.VERIFIED and c.digest == vdisk.digest]
+        current = [c for c in copies if c.serves(vdisk)]
         if any(c.server == node for c in current):
             continue
         sources = sorted(((live[c.server], c) for c in current if c.server in live),

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pvsfarm.errors import NoServerAvailable
-from pvsfarm.views import BootstrapMode, BootstrapView, CopyState, CopyView, ServerState, ServerView, VDiskView
+from pvsfarm.views import BootstrapMode, BootstrapView, CopyView, ServerState, ServerView, VDiskView
 
 
 def is_live(server: ServerView, now: float, dead_after_s: float) -> bool:
@@ -43,8 +43,7 @@ def eligible(
     exclude: frozenset[str] = frozenset(),
 ) -> list[ServerView]:
     """Rules 1-4, in bootstrap order (listed) or by name (live)."""
-    verified = {c.server for c in copies if c.vdisk == vdisk.name and c.state is CopyState.VERIFIED
-                and c.digest == vdisk.digest}
+    verified = {c.server for c in copies if c.serves(vdisk)}
     return [s for s in _live_pool(servers, bootstrap, now, dead_after_s, exclude) if s.name in verified]
 
 

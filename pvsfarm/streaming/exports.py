@@ -26,7 +26,7 @@ from pvsfarm.store import BaseImage, PrivateImage, SharedDevice, WriteCache
 from pvsfarm.streaming.journal import Journal
 from pvsfarm.streaming.nbd.backend import BlockDevice, OpenedExport
 from pvsfarm.streaming.tokens import ExportGrant, verify
-from pvsfarm.views import CacheType, CopyState, Inventory, VDiskMode, VDiskView
+from pvsfarm.views import CacheType, Inventory, VDiskMode, VDiskView, servable_copy
 
 log = logging.getLogger("pvsfarm.exports")
 
@@ -101,10 +101,10 @@ class Exports:
         grant = verify(name, self.secret(), self.clock(), self.token_ttl_s)
         if grant.server != self.node:
             return None
-        vdisk = self.inventory.vdisk(grant.vdisk)
-        path = self._verified_copy(vdisk) if vdisk else None
-        if vdisk is None or path is None:
+        found = servable_copy(self.inventory, self.node, grant.vdisk)
+        if found is None:
             return None
+        vdisk, path = found[0], Path(found[1].path)
         handle = self._session_device(grant, vdisk, path).handle()
         sid = grant.session_id
 
@@ -117,18 +117,12 @@ class Exports:
     def _open_admin(self, name: str, peer: tuple[str, int]) -> OpenedExport | None:
         if self.admin_from_loopback_only and not is_loopback(peer[0]):
             return None
-        vdisk = self.inventory.vdisk(name)
-        path = self._verified_copy(vdisk) if vdisk else None
-        if path is None:
+        found = servable_copy(self.inventory, self.node, name)
+        if found is None:
             return None
+        path = Path(found[1].path)
         log.info("admin read-only open of vDisk %s from %s", name, peer[0])
         return OpenedExport(BaseImage(path, name=name), f"{name} (read-only inspection)")
-
-    def _verified_copy(self, vdisk: VDiskView) -> Path | None:
-        for copy in self.inventory.copies(vdisk.name):
-            if copy.server == self.node and copy.state is CopyState.VERIFIED and copy.digest == vdisk.digest:
-                return Path(copy.path)
-        return None
 
     def _session_device(self, grant: ExportGrant, vdisk: VDiskView, path: Path) -> SharedDevice:
         with self._lock:
