@@ -69,6 +69,7 @@ from pvsfarm.store.device import (
     ZERO_FD,
     Extent,
     check_range,
+    file_ident,
     lock_or_conflict,
     open_verified,
     pread_exact,
@@ -286,9 +287,8 @@ class WriteCache:
 
     def handoff_spec(self) -> dict[str, object]:
         """How another process of this node re-opens this cache (`attach`)."""
-        st = os.fstat(self.fd)
         return {"kind": "cache", "base": str(self.base.path), "base_ident": self.base.ident(),
-                "cache": str(self.path), "base_id": self.header.base_id, "ident": [st.st_dev, st.st_ino]}
+                "cache": str(self.path), "base_id": self.header.base_id, "ident": list(file_ident(self.fd))}
 
     # -- BlockDevice --------------------------------------------------------
 
