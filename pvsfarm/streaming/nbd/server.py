@@ -114,12 +114,10 @@ class NbdServerProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._run()
-        if not self._paused and not self._closing and not self._writer.busy:
-            self._transport.resume_reading()
+        self._writer_idle()
 
     def _writer_idle(self) -> None:
-        """The blocked direct reply is on the wire: go on with the queue."""
+        """The transport drained, or the blocked direct reply is on the wire: go on with the queue."""
         self._run()
         if not self._paused and not self._closing and not self._writer.busy:
             self._transport.resume_reading()
@@ -200,10 +198,7 @@ class NbdServerProtocol(asyncio.Protocol):
             if self._pool is not None:
                 self._pool.drop(self._handed_to)
         elif not self._closing:
-            self._writer.flush()
-            self._closing = True
-            self._queue.clear()
-            self._transport.close()
+            self._shut()
 
     def _hand_off(self) -> None:
         """Send the connection to a worker if everything before is on the wire."""
@@ -232,6 +227,10 @@ class NbdServerProtocol(asyncio.Protocol):
             log.warning("nbd %s: closing: %s", self._peer, ev.reason)
         else:
             log.debug("nbd %s: closing: %s", self._peer, ev.reason)
+        self._shut()
+
+    def _shut(self) -> None:
+        """Close after the replies already written (``_abort`` drops them)."""
         self._writer.flush()
         self._closing = True
         self._queue.clear()
