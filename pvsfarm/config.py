@@ -91,6 +91,10 @@ class NbdConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Worker processes that serve connections after the handshake (one Python process
     uses one core: benchmarks/nbd_bench.py); default one per CPU, 0 = all in the node process."""
+    busy_poll_us: int = 50
+    """How long a worker spins for a client's next request while none of its other
+    connections has input, instead of sleeping (0 disables). Queue-depth-1 reads on a VM
+    without halt polling ran 10-11k IOPS sleeping, ~20k spinning (benchmarks/nbd_bench.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,7 +190,8 @@ class Node(OfflineMixin, HealthMixin):
         cfg = self.cfg.nbd
         pool = None
         if cfg.workers > 0:
-            pool = WorkerPool(cfg.workers, NbdServerConfig(max_request_bytes=cfg.max_request_bytes))
+            pool = WorkerPool(cfg.workers, NbdServerConfig(max_request_bytes=cfg.max_request_bytes,
+                                                            busy_poll_us=cfg.busy_poll_us))
             pool.start()
             self.closers.append(pool.close)
             if not await pool.wait_ready():

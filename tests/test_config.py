@@ -57,6 +57,8 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_tftp_busy_poll_and_nbd_workers_are_configurable() -> None:
-    cfg = parse_config({"tftp": {"busy_poll_us": 0}, "nbd": {"workers": 0}})
+    cfg = parse_config({"tftp": {"busy_poll_us": 0}, "nbd": {"workers": 0, "busy_poll_us": 0}})
     assert cfg.tftp.busy_poll_us == 0
     assert cfg.nbd.workers == 0
+    assert cfg.nbd.busy_poll_us == 0
+    assert parse_config({}).nbd.busy_poll_us == 50

@@ -21,3 +21,6 @@ class NbdConfig:
     """READs at least this long try raw ``os.sendfile``; 0 disables it."""
     write_high_water_bytes: int = 0
     """Transport high-water mark; 0 keeps the event loop's default (64 KiB)."""
+    busy_poll_us: int = 50
+    """How long a worker process spins for a client's next request while none of its
+    other connections has input (busypoll.py); 0 = never spin."""

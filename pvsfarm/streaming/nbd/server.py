@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -37,12 +39,17 @@ from pvsfarm.streaming.nbd.session import (
 from pvsfarm.streaming.nbd.wire import Cmd, CmdFlag, Opt, Request, encode_simple_reply
 
 if TYPE_CHECKING:
+    from pvsfarm.streaming.nbd.busypoll import BusyPoller
     from pvsfarm.streaming.nbd.handoff import WorkerPool
 
 log = logging.getLogger("pvsfarm.streaming.nbd")
 
 _READ, _FLUSH, _TRIM, _ZERO = int(Cmd.READ), int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
 _FUA = int(CmdFlag.FUA)
+_POLL_READ_BYTES = 256 * 2**10
+_POLL_SLICE_S = 0.002
+"""Longest one callback serves a busy-polled connection before the event loop runs again."""
+_perf = time.perf_counter
 
 
 def install_uvloop() -> bool:
@@ -69,8 +76,12 @@ class NbdServerProtocol(asyncio.Protocol):
     """One NBD connection."""
 
     def __init__(self, resolver: ExportResolver | None, config: NbdConfig, *,
-                 pool: WorkerPool | None = None, handed: Handed | None = None) -> None:
+                 pool: WorkerPool | None = None, handed: Handed | None = None,
+                 poller: BusyPoller | None = None) -> None:
         self._resolver = resolver
+        self._poller = poller
+        self._poll_fd = -1  # our own dup of the socket, in the poller's epoll set
+        self._poll_buf: list[memoryview] = []
         self._config = config
         self._pool = pool
         self._handed = handed
@@ -101,6 +112,12 @@ class NbdServerProtocol(asyncio.Protocol):
             return
         self._export = self._handed.export
         self._session.resume_transmission(self._handed.info)
+        sock = transport.get_extra_info("socket")
+        if self._poller is not None and sock is not None:
+            self._poll_fd = os.dup(sock.fileno())
+            # one buffer per connection: os.read(fd, 256 KiB) would mmap and unmap per call
+            self._poll_buf = [memoryview(bytearray(_POLL_READ_BYTES))]
+            self._poller.add(self._poll_fd)
         if self._handed.pending:
             self._feed(self._session.receive_data(self._handed.pending))
 
@@ -131,6 +148,11 @@ class NbdServerProtocol(asyncio.Protocol):
         self._queue.clear()
         self._report_io()
         self._writer.close()
+        if self._poll_fd >= 0:
+            assert self._poller is not None
+            self._poller.remove(self._poll_fd)
+            os.close(self._poll_fd)
+            self._poll_fd = -1
         opened, self._export = self._export, None
         if self._handed_to is not None:
             return  # the WorkerPool releases it when the worker reports the close
@@ -147,19 +169,46 @@ class NbdServerProtocol(asyncio.Protocol):
 
     def _run(self) -> None:
         queue, writer = self._queue, self._writer
+        slice_end = 0.0
         try:
-            while queue and not self._paused and not self._closing and not writer.busy:
-                self._dispatch(queue.popleft())
-            if writer.busy:
-                self._transport.pause_reading()  # resumed by _writer_idle
-            elif not self._closing:
+            while True:
+                while queue and not self._paused and not self._closing and not writer.busy:
+                    self._dispatch(queue.popleft())
+                if writer.busy:
+                    self._transport.pause_reading()  # resumed by _writer_idle
+                    break
+                if self._closing:
+                    break
                 writer.flush()
                 if self._hand_off_now and not queue:
                     self._hand_off()
+                if queue or self._poll_fd < 0 or self._paused:
+                    break
+                if not slice_end:
+                    slice_end = _perf() + _POLL_SLICE_S
+                elif _perf() >= slice_end:
+                    break
+                if not self._poll_next():
+                    break
         except Exception:
             log.exception("nbd %s: internal error, closing the connection", self._peer)
             self._abort()
         self._report_io()
+
+    def _poll_next(self) -> bool:
+        """Busy-poll for the client's next request (busypoll.py); True when it was read
+        and its events are queued.  Only once all we owe is on the wire."""
+        assert self._poller is not None
+        if self._transport.get_write_buffer_size() or not self._poller.wait(self._poll_fd):
+            return False
+        try:
+            n = os.readv(self._poll_fd, self._poll_buf)
+        except OSError:
+            return False  # EAGAIN, or an error the event loop's own read will report
+        if not n:
+            return False  # EOF: the event loop reads it again and closes
+        self._queue.extend(self._session.receive_data(self._poll_buf[0][:n].tobytes()))
+        return True
 
     def _dispatch(self, ev: Event) -> None:
         kind = type(ev)

@@ -22,6 +22,7 @@ from typing import Any
 from pvsfarm.store.device import SharedDevice
 from pvsfarm.store.handoff import attach
 from pvsfarm.streaming.nbd.backend import OpenedExport, release_export
+from pvsfarm.streaming.nbd.busypoll import BusyPoller
 from pvsfarm.streaming.nbd.config import NbdConfig
 from pvsfarm.streaming.nbd.handoff import MAX_MESSAGE_BYTES, decode, encode
 from pvsfarm.streaming.nbd.server import Handed, NbdServerProtocol, install_uvloop
@@ -44,11 +45,14 @@ class Worker:
         self._io: dict[int, list[int]] = {}
         self._closed: list[int] = []
         self._last_heard = self._loop.time()
+        self._poller = BusyPoller(config.busy_poll_us / 1e6) if config.busy_poll_us > 0 else None
         self.done = asyncio.Event()
 
     def start(self) -> None:
         self._ctl.setblocking(False)
         self._loop.add_reader(self._ctl.fileno(), self._readable)
+        if self._poller is not None:
+            self._poller.add(self._ctl.fileno())  # a control message ends any spin
         self._loop.call_later(IO_REPORT_S, self._report)
         self._send({"op": "ready"})
 
@@ -137,7 +141,8 @@ class Worker:
         self._conns[cid] = None
         sock.setblocking(False)
         task = self._loop.create_task(
-            self._loop.connect_accepted_socket(lambda: NbdServerProtocol(None, self._config, handed=handed), sock))
+            self._loop.connect_accepted_socket(
+                lambda: NbdServerProtocol(None, self._config, handed=handed, poller=self._poller), sock))
         task.add_done_callback(lambda t: self._accepted(cid, t, sock, opened))
 
     def _accepted(self, cid: int, task: asyncio.Task, sock: socket.socket, opened: OpenedExport) -> None:

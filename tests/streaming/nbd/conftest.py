@@ -12,6 +12,6 @@ except ImportError:  # pragma: no cover - uvloop is a declared dependency
 
 def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
     factories = {"asyncio": asyncio.new_event_loop}
-    if uvloop is not None and item.path.name == "test_nbd_server.py":
+    if uvloop is not None and item.path.name in ("test_nbd_server.py", "test_nbd_busypoll.py"):
         factories["uvloop"] = uvloop.new_event_loop
     return factories
