@@ -24,6 +24,7 @@ import select
 import time
 
 _perf = time.perf_counter
+READ_BYTES = 256 * 2**10
 
 
 class BusyPoller:
@@ -33,6 +34,9 @@ class BusyPoller:
         self.spin_s = spin_s
         self._ep = select.epoll()
         self.hits = self.misses = 0
+        # one receive buffer for the whole worker (os.read(fd, 256 KiB) would mmap and
+        # unmap per call; one per connection would cost 256 KiB of each idle connection)
+        self._buf = [memoryview(bytearray(READ_BYTES))]
 
     def add(self, fd: int) -> None:
         self._ep.register(fd, select.EPOLLIN)
@@ -45,6 +49,11 @@ class BusyPoller:
 
     def close(self) -> None:
         self._ep.close()
+
+    def read(self, fd: int) -> bytes:
+        """What ``fd`` has (b"" at EOF); OSError (EAGAIN included) as ``os.read``."""
+        n = os.readv(fd, self._buf)
+        return self._buf[0][:n].tobytes()
 
     def wait(self, fd: int) -> bool:
         """Spin until ``fd`` has input (True), or until something else is ready or

@@ -46,7 +46,6 @@ log = logging.getLogger("pvsfarm.streaming.nbd")
 
 _READ, _FLUSH, _TRIM, _ZERO = int(Cmd.READ), int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
 _FUA = int(CmdFlag.FUA)
-_POLL_READ_BYTES = 256 * 2**10
 _POLL_SLICE_S = 0.002
 """Longest one callback serves a busy-polled connection before the event loop runs again."""
 _perf = time.perf_counter
@@ -81,7 +80,6 @@ class NbdServerProtocol(asyncio.Protocol):
         self._resolver = resolver
         self._poller = poller
         self._poll_fd = -1  # our own dup of the socket, in the poller's epoll set
-        self._poll_buf: list[memoryview] = []
         self._config = config
         self._pool = pool
         self._handed = handed
@@ -115,8 +113,6 @@ class NbdServerProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if self._poller is not None and sock is not None:
             self._poll_fd = os.dup(sock.fileno())
-            # one buffer per connection: os.read(fd, 256 KiB) would mmap and unmap per call
-            self._poll_buf = [memoryview(bytearray(_POLL_READ_BYTES))]
             self._poller.add(self._poll_fd)
         if self._handed.pending:
             self._feed(self._session.receive_data(self._handed.pending))
@@ -202,12 +198,12 @@ class NbdServerProtocol(asyncio.Protocol):
         if self._transport.get_write_buffer_size() or not self._poller.wait(self._poll_fd):
             return False
         try:
-            n = os.readv(self._poll_fd, self._poll_buf)
+            data = self._poller.read(self._poll_fd)
         except OSError:
             return False  # EAGAIN, or an error the event loop's own read will report
-        if not n:
+        if not data:
             return False  # EOF: the event loop reads it again and closes
-        self._queue.extend(self._session.receive_data(self._poll_buf[0][:n].tobytes()))
+        self._queue.extend(self._session.receive_data(data))
         return True
 
     def _dispatch(self, ev: Event) -> None:
