@@ -20,7 +20,7 @@ the kernel picks the placement; read the [min-max] next to each median.  ``pvsfa
 process; ``pvsfarm-Nw`` is N processes sharing the port (SO_REUSEPORT), the
 way a C server's forks/threads use every core.
 
-usage: python benchmarks/tftp_bench.py [--rounds 3] [--storm 200] [--workers 2] [--dnsmasq] [--nice-clients]
+usage: python benchmarks/tftp_bench.py [--rounds 3] [--repeat-small 10] [--storm 200] [--workers 2] [--dnsmasq] [--nice-clients]
 Needs curl, atftp, in.tftpd (tftpd-hpa) and atftpd (PATH, or $ATFTPD; the
 Debian package conflicts with tftpd-hpa: ``apt-get download atftpd`` and
 ``dpkg -x`` it, then point $ATFTPD at usr/sbin/atftpd).
@@ -44,6 +44,9 @@ BLKSIZE = 1468
 CLIENT_PREFIX: list[str] = []
 """Prepended to every client command (``--nice-clients``: ``nice -n 19``)."""
 FILES = {"f1m.bin": 1 << 20, "f32m.bin": 32 << 20}
+SMALL_BYTES = 1 << 20
+"""Files this small are fetched ``--repeat-small`` times per round: one 1 MiB transfer
+lasts ~7 ms, so a single sample is mostly where the scheduler put client and server."""
 
 
 def free_udp_port() -> int:
@@ -135,7 +138,7 @@ def storm(port: int, n: int) -> tuple[float, int]:
     return elapsed, sum(o.strip() == str(FILES["f1m.bin"]) for o in outputs)
 
 
-def measure(label: str, port: int, tmp: Path, storm_n: int, results: dict) -> None:
+def measure(label: str, port: int, tmp: Path, storm_n: int, results: dict, repeat_small: int = 1) -> None:
     out = tmp / f"out-{label}"
 
     def record(test: str, unit: str, value: float) -> None:
@@ -144,11 +147,12 @@ def measure(label: str, port: int, tmp: Path, storm_n: int, results: dict) -> No
 
     for name, size in FILES.items():
         for test, client, window in (("curl", "curl", None), ("atftp", "atftp", None), ("atftp-w8", "atftp", 8)):
-            seconds = fetch(client, port, name, out, window)
-            if seconds:
-                record(f"{test}:{name}", "MB/s", size / seconds / 1e6)
-            else:
-                print(f"# {label} {test}:{name} FAILED", flush=True)
+            for _ in range(repeat_small if size <= SMALL_BYTES else 1):
+                seconds = fetch(client, port, name, out, window)
+                if seconds:
+                    record(f"{test}:{name}", "MB/s", size / seconds / 1e6)
+                else:
+                    print(f"# {label} {test}:{name} FAILED", flush=True)
     if storm_n:
         seconds, ok = storm(port, storm_n)
         record(f"storm{storm_n}xf1m", "s", seconds)
@@ -191,6 +195,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--storm", type=int, default=200, help="concurrent 1 MiB transfers (0: skip)")
+    ap.add_argument("--repeat-small", type=int, default=10,
+                    help="fetches of the 1 MiB file per test and round (each is one sample)")
     ap.add_argument("--dnsmasq", action="store_true", help="also dnsmasq (binds 127.0.0.1:69)")
     ap.add_argument("--workers", type=int, default=2, help="also pvsfarm with N SO_REUSEPORT processes (<2: skip)")
     ap.add_argument("--nice-clients", action="store_true",
@@ -224,7 +230,7 @@ def main() -> None:
             for rnd in range(args.rounds):
                 for label, (_, port) in cmds.items():
                     print(f"# round {rnd + 1} {label}", flush=True)
-                    measure(label, port, tmp, args.storm, results)
+                    measure(label, port, tmp, args.storm, results, args.repeat_small)
             report(results, list(cmds))
         finally:
             for proc in procs:
