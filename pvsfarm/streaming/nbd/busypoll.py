@@ -13,7 +13,10 @@ Rules that keep it bounded and fair (the kernel's ``net.core.busy_poll`` idea):
     input: anything else ready ends the spin and the event loop serves it;
   * at most ``spin_s`` per wait, and ``sched_yield()`` between polls, so a client
     process runnable on the same CPU is not kept waiting;
-  * a connection spins only when everything it owes is on the wire (the caller checks).
+  * a connection spins only when everything it owes is on the wire (the caller checks);
+  * a spin that timed out (a client across a real network, or a quiet one) makes that
+    connection skip the next 1, 2, 4 ... ``MAX_BACKOFF`` waits (doubling while they keep
+    timing out, reset by a hit), so CPU is spent where spinning pays.
 ``spin_s`` comes from ``nbd.busy_poll_us`` (0 turns it off).
 """
 
@@ -25,6 +28,8 @@ import time
 
 _perf = time.perf_counter
 READ_BYTES = 256 * 2**10
+MAX_BACKOFF = 64
+"""Most waits a connection skips after spins that timed out in a row."""
 
 
 class BusyPoller:
@@ -33,7 +38,8 @@ class BusyPoller:
     def __init__(self, spin_s: float) -> None:
         self.spin_s = spin_s
         self._ep = select.epoll()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.skipped = 0
+        self._backoff: dict[int, list[int]] = {}  # fd -> [waits still to skip, next back-off]
         # one receive buffer for the whole worker (os.read(fd, 256 KiB) would mmap and
         # unmap per call; one per connection would cost 256 KiB of each idle connection)
         self._buf = [memoryview(bytearray(READ_BYTES))]
@@ -42,6 +48,7 @@ class BusyPoller:
         self._ep.register(fd, select.EPOLLIN)
 
     def remove(self, fd: int) -> None:
+        self._backoff.pop(fd, None)
         try:
             self._ep.unregister(fd)
         except (OSError, ValueError):
@@ -57,7 +64,13 @@ class BusyPoller:
 
     def wait(self, fd: int) -> bool:
         """Spin until ``fd`` has input (True), or until something else is ready or
-        the time is up (False: back to the event loop)."""
+        the time is up (False: back to the event loop).  While ``fd`` backs off after
+        timed-out spins, False at once."""
+        backoff = self._backoff.get(fd)
+        if backoff is not None and backoff[0] > 0:
+            backoff[0] -= 1
+            self.skipped += 1
+            return False
         poll, yield_cpu = self._ep.poll, os.sched_yield
         deadline = _perf() + self.spin_s
         while True:
@@ -66,9 +79,15 @@ class BusyPoller:
                 for rfd, _ev in ready:
                     if rfd == fd:
                         self.hits += 1
+                        if backoff is not None:
+                            del self._backoff[fd]
                         return True
                 return False
             if _perf() >= deadline:
                 self.misses += 1
+                if backoff is None:
+                    self._backoff[fd] = [1, 2]
+                else:
+                    backoff[0], backoff[1] = backoff[1], min(MAX_BACKOFF, backoff[1] * 2)
                 return False
             yield_cpu()

@@ -219,3 +219,44 @@ async def test_a_client_that_closes_during_the_spin_is_released(spinning: Spinni
         await asyncio.sleep(0.01)
     assert closed.is_set()
     assert proto._poll_fd == -1  # its dup was removed from the set and closed
+
+
+def test_spins_that_time_out_back_off_and_a_hit_resets(pairs) -> None:
+    mine, peer = pairs()
+    poller = BusyPoller(spin_s=0.0005)
+    poller.add(mine.fileno())
+    assert poller.wait(mine.fileno()) is False  # timed out: skip the next wait
+    assert (poller.misses, poller.skipped) == (1, 0)
+    peer.send(b"x")
+    assert poller.wait(mine.fileno()) is False  # skipped, although input is there
+    assert (poller.hits, poller.skipped) == (0, 1)
+    assert poller.wait(mine.fileno()) is True  # spins again
+    mine.recv(1)
+    # a hit resets: the next time-out skips one wait again, then two, then four
+
+    def skips_until_the_next_spin() -> int:
+        n = 0
+        while True:
+            skipped, misses = poller.skipped, poller.misses
+            assert poller.wait(mine.fileno()) is False  # no input now
+            if poller.skipped > skipped:
+                n += 1
+                continue
+            assert poller.misses == misses + 1  # it spun, and timed out
+            return n
+
+    assert poller.wait(mine.fileno()) is False
+    skips = [skips_until_the_next_spin() for _ in range(3)]
+    assert skips == [1, 2, 4]
+
+
+def test_back_off_is_per_connection(pairs) -> None:
+    quiet, _ = pairs()
+    busy, busy_peer = pairs()
+    poller = BusyPoller(spin_s=0.0005)
+    poller.add(quiet.fileno())
+    poller.add(busy.fileno())
+    assert poller.wait(quiet.fileno()) is False  # quiet backs off
+    busy_peer.send(b"x")
+    assert poller.wait(busy.fileno()) is True  # busy does not
+    assert poller.skipped == 0
