@@ -193,6 +193,7 @@ class Node(OfflineMixin, HealthMixin):
             pool = WorkerPool(cfg.workers, NbdServerConfig(max_request_bytes=cfg.max_request_bytes,
                                                             busy_poll_us=cfg.busy_poll_us))
             pool.start()
+            self.nbd_pool = pool
             self.closers.append(pool.close)
             if not await pool.wait_ready():
                 self.say("nbd: workers slow to start; the node serves connections itself meanwhile")

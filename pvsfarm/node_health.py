@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pvsfarm.bootstrap.dhcp.server import DhcpServerHandle
     from pvsfarm.bootstrap.tftp.server import TftpServer
     from pvsfarm.node import Node
+    from pvsfarm.streaming.nbd.handoff import WorkerPool
 
 log = logging.getLogger("pvsfarm.node")
 _NO_MONITOR = HealthState()
@@ -35,6 +36,7 @@ class HealthMixin:
     health_monitor: HealthMonitor | None = None
     tftp_server: TftpServer | None = None
     dhcp_handle: DhcpServerHandle | None = None
+    nbd_pool: WorkerPool | None = None
 
     @property
     def health(self) -> HealthState:
@@ -54,6 +56,10 @@ class HealthMixin:
             stats = self.dhcp_handle.stats
             fields["dhcp"] = {"answering": state.healthy, "received": stats.received, "replied": stats.replied,
                               "gated": stats.gated}
+        pool = self.nbd_pool
+        if pool is not None:
+            fields["nbd"] = {"workers": len(pool.pids()), "connections": pool.connections(),
+                             "busy_poll": pool.busy_poll_stats()}
         return fields
 
     def start_health(self: Node) -> None:  # type: ignore[misc]

@@ -112,6 +112,25 @@ def test_the_workers_serve_real_clients(node: RunningNode, base_image: Path, tmp
     held.close()
 
 
+def test_health_reports_the_workers_and_their_busy_polling(node: RunningNode) -> None:
+    s = go(node.nbd_port, str(login(node)["export"]))
+    served_by_worker(node, s)
+    for i in range(100):  # queue depth 1: every reply on a quiet worker is followed by a wait
+        assert len(read(s, i * 4096, 4096)) == 4096
+    end = time.monotonic() + 10
+    while True:
+        nbd = node.get_json("/health")["nbd"]
+        polled = nbd["busy_poll"]
+        if sum(polled.values()) > 0 or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert nbd["workers"] == (os.cpu_count() or 1)
+    assert nbd["connections"] == 1
+    assert set(polled) == {"hits", "misses", "skipped"}
+    assert sum(polled.values()) > 0, polled  # reported by the worker within its 0.5 s period
+    s.close()
+
+
 def test_kill_9_of_the_node_closes_the_workers_connections(node: RunningNode) -> None:
     s = go(node.nbd_port, str(login(node)["export"]))
     worker = served_by_worker(node, s)

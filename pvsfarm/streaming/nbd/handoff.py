@@ -71,6 +71,7 @@ class _Worker:
     conns: set[int] = field(default_factory=set)
     ready: bool = False
     dead: bool = False
+    polled: tuple[int, int, int] = (0, 0, 0)  # the worker's busy-poll hits, misses, skipped so far
 
 
 class WorkerPool:
@@ -89,6 +90,7 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._closed = False
+        self._polled_before = [0, 0, 0]  # counts of workers that died or were replaced
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -133,6 +135,17 @@ class WorkerPool:
     def connections(self) -> int:
         return len(self._exports)
 
+    def busy_poll_stats(self) -> dict[str, int]:
+        """Busy polling in the workers since the pool started (busypoll.py): spins that
+        found the next request (hits), that timed out (misses), and waits skipped while a
+        connection backed off.  Reported by each worker every 0.5 s."""
+        totals = list(self._polled_before)
+        for w in self._workers:
+            if w is not None:
+                for i, n in enumerate(w.polled):
+                    totals[i] += n
+        return dict(zip(("hits", "misses", "skipped"), totals))
+
     def _spawn(self, index: int) -> None:
         assert self._loop is not None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -145,6 +158,9 @@ class WorkerPool:
             theirs.close()
         mine.setblocking(False)
         worker = _Worker(index, proc, mine)
+        old = self._workers[index]
+        if old is not None:  # a replacement: keep what the dead worker had counted
+            self._polled_before = [a + b for a, b in zip(self._polled_before, old.polled)]
         self._workers[index] = worker
         self._loop.add_reader(mine.fileno(), self._readable, worker)
 
@@ -245,6 +261,8 @@ class WorkerPool:
                 entry = self._exports.get(cid)
                 if entry is not None and entry[1].on_io is not None:
                     entry[1].on_io(nread, nwritten)
+        elif op == "poll":
+            w.polled = (int(msg["hits"]), int(msg["misses"]), int(msg["skipped"]))
         elif op == "closed":
             for cid in msg["cids"]:
                 w.conns.discard(cid)

@@ -180,6 +180,10 @@ async def test_a_dead_worker_is_replaced_and_its_connections_released(served: Se
     await eventually(lambda: holder(a) in served.pool.pids())
     victim = holder(a)
     assert victim is not None
+    for i in range(50):  # queue depth 1: the worker waits (busy-polls) after each reply
+        assert (await a.command(Cmd.READ, i * 4096, 4096))[0] == 0
+    await eventually(lambda: sum(served.pool.busy_poll_stats().values()) > 0)
+    polled = served.pool.busy_poll_stats()
     os.kill(victim, signal.SIGKILL)
     assert await a.closed_by_server()
     await eventually(lambda: served.resolver.tracker.closed == 1)
@@ -188,3 +192,5 @@ async def test_a_dead_worker_is_replaced_and_its_connections_released(served: Se
     await eventually(lambda: holder(b) in served.pool.pids())
     err, data = await b.command(Cmd.READ, 0, 4096)
     assert err == 0 and data == served.data[:4096]
+    after = served.pool.busy_poll_stats()  # the dead worker's counts are kept
+    assert all(after[k] >= polled[k] for k in polled), (polled, after)
