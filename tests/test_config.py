@@ -1,6 +1,8 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pvsfarm.config import NodeConfig, load_config, parse_config
 from pvsfarm.errors import ConfigError
@@ -15,6 +17,20 @@ def test_example_config_loads_with_every_section() -> None:
     assert cfg.nbd.listen_port == 10809 and cfg.tftp.listen_port == 69
     assert cfg.database_url is not None and cfg.database_url.startswith("postgresql+psycopg2://")
     assert cfg.store_path == Path("/var/lib/pvsfarm/store")
+
+
+def test_example_config_shows_every_key() -> None:
+    """The README says config/pvsfarm.example.yaml documents every key: hold it to that."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    missing = []
+    for f in dataclasses.fields(NodeConfig):
+        if f.name not in doc:
+            missing.append(f.name)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            missing += [f"{f.name}.{g.name}" for g in dataclasses.fields(default) if g.name not in (doc[f.name] or {})]
+    assert missing == []
 
 
 def test_defaults_keep_dhcp_off_and_use_embedded_sqlite(tmp_path: Path) -> None:
