@@ -7,7 +7,9 @@ Measures, round-robin over the servers (RESULTS.md method: compare within one ru
   rand_qdD_cN       fio ioengine=nbd randread bs=4k iodepth=D numjobs=N (IOPS)
   idle_rss          server RSS growth with --idle-conns connections parked after GO
                     (KiB per connection)
-and prints a table with medians and the pvsfarm/nbdkit ratio.
+and prints a table with medians and the pvsfarm/nbdkit ratio, then the servers' CPU
+(user + system, workers included) per GiB or per request: on loopback the clients
+share the 2 CPUs, so this is what a node pays per unit of work whatever the client costs.
 
 usage:
   python benchmarks/nbd_bench.py [--dir /tmp/pvsfarm-nbd-bench] [--size-mib 1024]
@@ -122,8 +124,8 @@ def run_fio(uri: str, qd: int, jobs: int, seconds: int) -> float:
     return sum(j["read"]["iops"] for j in data["jobs"])
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` plus its direct children (worker processes)."""
+def tree(pid: int) -> list[int]:
+    """``pid`` and its direct children (worker processes)."""
     pids = [pid]
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -133,8 +135,26 @@ def rss_kib(pid: int) -> int:
                         pids.append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
+    return pids
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its direct children so far."""
+    ticks = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` plus its direct children (worker processes)."""
     total = 0
-    for p in pids:
+    for p in tree(pid):
         with open(f"/proc/{p}/status") as f:
             total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return total
@@ -202,6 +222,26 @@ def verify(uri: str, digest: str) -> None:
         raise SystemExit(f"{uri}: data differs from the image (sha256)")
 
 
+def print_cpu_table(cpu: dict[str, dict[str, list[float]]], tests: list[str], servers: list[str]) -> None:
+    """Server CPU (the process and its workers, user + system) per unit of work: what a
+    node pays per byte or request whatever the client costs; nbdkit/pvsfarm > 1 means
+    pvsfarm needs less.  Clock ticks are 10 ms, so seq figures are +-20 ms per GiB.  A
+    worker's busy polling (nbd.busy_poll_us) counts as CPU: at QD1 it spends time the
+    CPU would otherwise idle in, to answer sooner."""
+    pv = [s for s in servers if s.startswith("pvsfarm")] if "nbdkit" in servers else []
+    head = ["test", "unit"] + servers + [f"nbdkit/{s}" for s in pv]
+    print("\nserver CPU per unit of work (lower is better)")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for t in tests:
+        if t == "idle_rss":
+            continue
+        unit = "CPU ms/GiB" if t.startswith("seq") else "CPU us/request"
+        med = {s: statistics.median(cpu[s][t]) for s in servers if cpu[s].get(t)}
+        cells = [t, unit] + [f"{med[s]:,.1f}" if s in med else "-" for s in servers]
+        cells += [f"{med['nbdkit'] / med[s]:.2f}x" if s in med and med.get("nbdkit") and med[s] else "-" for s in pv]
+        print("| " + " | ".join(cells) + " |")
+
+
 def print_table(results: dict[str, dict[str, list[float]]], tests: list[str], servers: list[str]) -> None:
     pv = [s for s in servers if s.startswith("pvsfarm")] if "nbdkit" in servers else []
     head = ["test", "unit"] + servers + [f"{s}/nbdkit" for s in pv]
@@ -242,6 +282,7 @@ def main() -> None:
     digest = file_sha256(image)  # also warms the page cache
     tests, servers = args.tests.split(","), args.servers.split(",")
     results: dict[str, dict[str, list[float]]] = {s: {} for s in servers}
+    cpu: dict[str, dict[str, list[float]]] = {s: {} for s in servers}
     for rnd in range(args.rounds):
         for server in servers:
             proc, uri = start_server(server, image, args)
@@ -249,13 +290,20 @@ def main() -> None:
                 if rnd == 0:
                     verify(uri, digest)
                 for test in tests:
+                    before = cpu_s(proc.pid)
                     value = measure(test, uri, proc, size, args)
+                    used = cpu_s(proc.pid) - before
                     results[server].setdefault(test, []).append(value)
+                    if test.startswith("seq"):
+                        cpu[server].setdefault(test, []).append(used * 1e3 / (size / 2**30))
+                    elif test.startswith("rand") and value:
+                        cpu[server].setdefault(test, []).append(used * 1e6 / (value * args.fio_seconds))
                     print(f"RAW\tnbd\t{server}\t{test}\t{UNITS[test.split('_')[0]]}\t{value:.1f}", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(10)
     print_table(results, tests, servers)
+    print_cpu_table(cpu, tests, servers)
 
 
 if __name__ == "__main__":
