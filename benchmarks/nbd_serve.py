@@ -87,7 +87,8 @@ async def serve(args: argparse.Namespace) -> None:
     factory(args.image, read_only).close()
     resolver = DictResolver({args.name: lambda: factory(args.image, read_only)})
     config = NbdConfig(flush_bytes=args.flush_kib * 1024, sendfile_min_bytes=args.sendfile_min_kib * 1024,
-                       write_high_water_bytes=args.high_water_kib * 1024, busy_poll_us=args.busy_poll_us)
+                       write_high_water_bytes=args.high_water_kib * 1024, busy_poll_us=args.busy_poll_us,
+                       send_buffer_bytes=args.send_buffer_kib * 1024)
     pool = WorkerPool(args.workers, config) if args.workers > 0 else None
     if pool is not None:
         pool.start()
@@ -118,6 +119,8 @@ def main() -> None:
     p.add_argument("--flush-kib", type=int, default=256)
     p.add_argument("--sendfile-min-kib", type=int, default=128)
     p.add_argument("--high-water-kib", type=int, default=0)
+    p.add_argument("--send-buffer-kib", type=int, default=NbdConfig().send_buffer_bytes // 1024,
+                   help="SO_SNDBUF of each connection (nbd.send_buffer_bytes; 0: kernel autotuning)")
     p.add_argument("--busy-poll-us", type=int, default=NbdConfig().busy_poll_us,
                    help="how long a worker spins for the next request (nbd.busy_poll_us; 0: never)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,

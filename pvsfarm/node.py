@@ -188,17 +188,18 @@ class Node(OfflineMixin, HealthMixin):
         from pvsfarm.streaming.nbd.handoff import WorkerPool
 
         cfg = self.cfg.nbd
+        server_cfg = NbdServerConfig(max_request_bytes=cfg.max_request_bytes, busy_poll_us=cfg.busy_poll_us,
+                                     send_buffer_bytes=cfg.send_buffer_bytes)
         pool = None
         if cfg.workers > 0:
-            pool = WorkerPool(cfg.workers, NbdServerConfig(max_request_bytes=cfg.max_request_bytes,
-                                                            busy_poll_us=cfg.busy_poll_us))
+            pool = WorkerPool(cfg.workers, server_cfg)
             pool.start()
             self.nbd_pool = pool
             self.closers.append(pool.close)
             if not await pool.wait_ready():
                 self.say("nbd: workers slow to start; the node serves connections itself meanwhile")
         server = await start_nbd_server(self.exports, cfg.listen_address, cfg.listen_port,
-                                        max_request_bytes=cfg.max_request_bytes, pool=pool)
+                                        config=server_cfg, pool=pool)
         self.closers.append(server.close)
         served_by = f"{cfg.workers} worker processes" if pool is not None else "this process (nbd.workers: 0)"
         self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port} (transmission in {served_by})")

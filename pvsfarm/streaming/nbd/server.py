@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -101,6 +102,12 @@ class NbdServerProtocol(asyncio.Protocol):
         self._peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         if self._config.write_high_water_bytes:
             transport.set_write_buffer_limits(high=self._config.write_high_water_bytes)
+        sock = transport.get_extra_info("socket")
+        if self._config.send_buffer_bytes and sock is not None and self._handed is None:
+            try:  # (a handed connection keeps the option its first process set)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._config.send_buffer_bytes)
+            except OSError as exc:  # not fatal: the kernel's autotuning stays
+                log.debug("nbd %s: SO_SNDBUF: %s", self._peer, exc)
         cfg = self._config
         self._writer = ReplyWriter(transport, cfg.flush_bytes, cfg.sendfile_min_bytes,
                                    loop=asyncio.get_running_loop(), on_idle=self._writer_idle,
@@ -110,7 +117,6 @@ class NbdServerProtocol(asyncio.Protocol):
             return
         self._export = self._handed.export
         self._session.resume_transmission(self._handed.info)
-        sock = transport.get_extra_info("socket")
         if self._poller is not None and sock is not None:
             self._poll_fd = os.dup(sock.fileno())
             self._poller.add(self._poll_fd)

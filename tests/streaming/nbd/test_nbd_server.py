@@ -233,3 +233,39 @@ async def _wait_for(predicate, timeout_s: float = 5.0) -> None:
             return
         await asyncio.sleep(0.02)
     assert predicate()
+
+
+@pytest.mark.parametrize("send_buffer_bytes", [512 << 10, 1 << 20])
+async def test_send_buffer_is_set_on_each_connection(tmp_path: Path, send_buffer_bytes: int) -> None:
+    """nbd config send_buffer_bytes: SO_SNDBUF of each connection (Linux caps it at
+    net.core.wmem_max and doubles it)."""
+    import socket as socket_mod
+
+    from pvsfarm.streaming.nbd import FileDevice
+    from pvsfarm.streaming.nbd.backend import DictResolver
+    from pvsfarm.streaming.nbd.config import NbdConfig
+    from pvsfarm.streaming.nbd.server import NbdServerProtocol
+
+    image = tmp_path / "i.img"
+    image.write_bytes(bytes(1 << 20))
+    made: list[NbdServerProtocol] = []
+
+    def factory() -> NbdServerProtocol:
+        made.append(NbdServerProtocol(DictResolver({"": lambda: FileDevice(image)}),
+                                      NbdConfig(send_buffer_bytes=send_buffer_bytes)))
+        return made[-1]
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        for _ in range(200):
+            if made:
+                break
+            await asyncio.sleep(0.01)
+        sock = made[0]._transport.get_extra_info("socket")
+        got = sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_SNDBUF)
+        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        assert got == 2 * min(send_buffer_bytes, wmem_max)
+        writer.close()
+    finally:
+        server.close()
