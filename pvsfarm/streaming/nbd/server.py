@@ -124,6 +124,17 @@ class NbdServerProtocol(asyncio.Protocol):
             self._feed(self._session.receive_data(self._handed.pending))
 
     def data_received(self, data: bytes) -> None:
+        if not self._queue and not self._paused and not self._closing and not self._writer.busy:
+            lone = self._session.lone_read(data)  # queue depth 1: skip building events
+            if lone is not None:
+                try:
+                    self._read(*lone)
+                except Exception:
+                    log.exception("nbd %s: internal error, closing the connection", self._peer)
+                    self._abort()
+                    return
+                self._run()
+                return
         self._feed(self._session.receive_data(data))
 
     def pause_writing(self) -> None:
@@ -209,7 +220,11 @@ class NbdServerProtocol(asyncio.Protocol):
             return False  # EAGAIN, or an error the event loop's own read will report
         if not data:
             return False  # EOF: the event loop reads it again and closes
-        self._queue.extend(self._session.receive_data(data))
+        lone = self._session.lone_read(data)
+        if lone is not None:
+            self._read(*lone)
+        else:
+            self._queue.extend(self._session.receive_data(data))
         return True
 
     def _dispatch(self, ev: Event) -> None:
@@ -321,22 +336,11 @@ class NbdServerProtocol(asyncio.Protocol):
 
     def _command(self, req: Request) -> None:
         assert self._export is not None  # the session only validates requests after GO
-        dev = self._export.device
         typ = req.type
         if typ == _READ:
-            try:
-                extents = dev.read_extents(req.offset, req.length)
-                self._writer.read_reply(req.handle, extents)
-            except ReplyAborted as exc:
-                log.warning("nbd %s: %s", self._peer, exc)
-                self._abort()
-                return
-            except Exception as exc:
-                log.warning("nbd %s: read %d+%d failed: %s", self._peer, req.offset, req.length, exc)
-                self._writer.add(encode_simple_reply(errno_for_exception(exc), req.handle))
-                return
-            self._nread += req.length
+            self._read(req.handle, req.offset, req.length)
             return
+        dev = self._export.device
         try:
             if typ == _FLUSH:
                 dev.flush()
@@ -351,6 +355,21 @@ class NbdServerProtocol(asyncio.Protocol):
             self._writer.add(encode_simple_reply(errno_for_exception(exc), req.handle))
             return
         self._writer.add(encode_simple_reply(0, req.handle))
+
+    def _read(self, handle: int, offset: int, length: int) -> None:
+        assert self._export is not None
+        try:
+            extents = self._export.device.read_extents(offset, length)
+            self._writer.read_reply(handle, extents)
+        except ReplyAborted as exc:
+            log.warning("nbd %s: %s", self._peer, exc)
+            self._abort()
+            return
+        except Exception as exc:
+            log.warning("nbd %s: read %d+%d failed: %s", self._peer, offset, length, exc)
+            self._writer.add(encode_simple_reply(errno_for_exception(exc), handle))
+            return
+        self._nread += length
 
     def _write(self, ev: WriteCommand) -> None:
         assert self._export is not None

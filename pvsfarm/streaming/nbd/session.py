@@ -200,6 +200,20 @@ class ServerSession:
             raise LocalProtocolError("resume_transmission() on a session already started")
         self._enter_transmission(info)
 
+    def lone_read(self, data: bytes) -> tuple[int, int, int] | None:
+        """Fast path for queue depth 1: when ``data`` is exactly one plain READ within
+        the export and nothing else is pending, ``(handle, offset, length)`` -- what
+        ``receive_data(data)`` would return as its only event, without building it.
+        None otherwise: then call ``receive_data(data)`` (nothing was consumed)."""
+        if (len(data) != 28 or self.state is not State.TRANSMISSION or self._pos != len(self._buf)
+                or self._discard or self._write_req is not None):
+            return None
+        magic, flags, typ, handle, offset, length = REQUEST.unpack(data)
+        if (magic != REQUEST_MAGIC or typ != _READ or flags & ~_FUA or length > self.max_request_bytes
+                or self.export is None or offset + length > self.export.size_bytes):
+            return None
+        return handle, offset, length
+
     def unparsed(self) -> bytes | None:
         """Received bytes not yet turned into events, or None when the session is in
         the middle of a WRITE payload (then it cannot be handed to another process)."""

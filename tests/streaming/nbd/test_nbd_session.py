@@ -308,3 +308,55 @@ def test_transmission_flags_per_export_kind() -> None:
     assert transmission_flags(RW) == (
         TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
     )
+
+
+# --- lone_read: the queue-depth-1 fast path must agree with receive_data ---------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pvsfarm.streaming.nbd.session import ExportInfo as _ExportInfo  # noqa: E402
+
+_SIZE = 1 << 20
+
+
+def _transmitting(read_only: bool = True) -> ServerSession:
+    s = ServerSession(max_request_bytes=1 << 16)
+    s.resume_transmission(_ExportInfo("x", _SIZE, read_only, True))
+    return s
+
+
+_requests = st.builds(
+    lambda magic_ok, flags, typ, handle, offset, length: (
+        wire.REQUEST.pack(wire.REQUEST_MAGIC if magic_ok else 0x12345678, flags, typ, handle, offset, length)),
+    st.booleans(), st.sampled_from([0, int(wire.CmdFlag.FUA), 2, 0xFFFF]), st.sampled_from([0, 1, 2, 3, 4, 6, 99]),
+    st.integers(0, 2**64 - 1), st.sampled_from([0, 4096, _SIZE - 4096, _SIZE, 2**63]),
+    st.sampled_from([0, 1, 4096, 1 << 16, (1 << 16) + 1, 2**32 - 1]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.one_of(_requests, st.binary(max_size=40)), prefix=st.binary(max_size=30))
+def test_lone_read_agrees_with_receive_data(data: bytes, prefix: bytes) -> None:
+    fast, slow = _transmitting(), _transmitting()
+    if prefix:  # unparsed bytes already held: the fast path must step aside
+        fast.receive_data(prefix)
+        slow.receive_data(prefix)
+    lone = fast.lone_read(data)
+    events = slow.receive_data(data)
+    if lone is None:
+        assert fast.receive_data(data) == events  # nothing was consumed
+        return
+    (ev,) = events
+    assert isinstance(ev, Request) and ev.type == Cmd.READ
+    assert (ev.handle, ev.offset, ev.length) == lone
+    assert fast.receive_data(b"") == slow.receive_data(b"")  # same state afterwards
+
+
+def test_lone_read_only_for_a_plain_read_in_transmission() -> None:
+    s = _transmitting()
+    assert s.lone_read(Request(0, int(Cmd.READ), 7, 4096, 512).encode()) == (7, 4096, 512)
+    assert s.lone_read(Request(0, int(Cmd.READ), 7, _SIZE - 511, 512).encode()) is None  # past the end
+    assert s.lone_read(Request(0, int(Cmd.FLUSH), 7, 0, 0).encode()) is None
+    assert s.lone_read(Request(0, int(Cmd.READ), 7, 0, 512).encode() * 2) is None  # two requests
+    assert ServerSession().lone_read(Request(0, int(Cmd.READ), 7, 0, 512).encode()) is None  # handshake
