@@ -120,35 +120,21 @@ class ReplyWriter:
         return bool(self._rest)
 
     def _send_direct(self, header: bytes, extents: Sequence[Extent]) -> None:
-        if self._loop is not None and self._sock is not None:
-            self._rest = [header, *([e.fd, e.file_offset, e.length] for e in extents)]
-            try:
-                done = self._pump()
-            except OSError as exc:
-                self._rest = []
-                raise ReplyAborted(f"read reply failed mid-send: {exc}") from exc
-            if not done:
-                self._loop.add_writer(self._sock.fileno(), self._writable)
-            return
+        assert self._sock is not None  # the direct path is only taken with a socket
+        self._rest = [header, *([e.fd, e.file_offset, e.length] for e in extents)]
         try:
-            sent = self._send_header(header)
-            if sent < len(header):
-                self._via_transport(header[sent:], extents, 0, 0)
+            if self._pump():
                 return
-            for i, extent in enumerate(extents):
-                done = self._sendfile_some(extent)
-                if done < extent.length:
-                    self._via_transport(b"", extents, i, done)
-                    return
+            if self._loop is not None:
+                self._loop.add_writer(self._sock.fileno(), self._writable)
+                return
+            # no event loop (unit tests): the rest goes through the transport, after
+            # the bytes already on the socket
+            rest, self._rest = self._rest, []
+            self._transport.writelines([p if isinstance(p, bytes) else read_extent(Extent(*p)) for p in rest])
         except OSError as exc:
+            self._rest = []
             raise ReplyAborted(f"read reply failed mid-send: {exc}") from exc
-
-    def _send_header(self, header: bytes) -> int:
-        assert self._sock is not None
-        try:
-            return self._sock.send(header, socket.MSG_MORE)
-        except BlockingIOError:
-            return 0
 
     def _pump(self) -> bool:
         """Send what the blocked reply still has; True once all of it is on the wire."""
@@ -203,35 +189,3 @@ class ReplyWriter:
             self._rest = []
             self._sock.close()
             self._sock = None
-
-    def _sendfile_some(self, extent: Extent) -> int:
-        """Bytes of ``extent`` sent before the socket buffer filled up."""
-        done = 0
-        while done < extent.length:
-            left = extent.length - done
-            if extent.fd < 0:
-                n = _write_some(self._sock_fd, zeros(min(left, len(_ZEROS))))
-            else:
-                try:
-                    n = os.sendfile(self._sock_fd, extent.fd, extent.file_offset + done, left)
-                except BlockingIOError:
-                    return done
-                if n == 0:
-                    raise OSError(5, "backing file shorter than the extent")
-            if n == 0:
-                return done
-            done += n
-        return done
-
-    def _via_transport(self, head: bytes, extents: Sequence[Extent], index: int, skip: int) -> None:
-        parts: list[bytes | memoryview] = [head] if head else []
-        parts.append(read_extent(extents[index], skip))
-        parts.extend(read_extent(e) for e in extents[index + 1 :])
-        self._transport.writelines(parts)
-
-
-def _write_some(fd: int, data: bytes | memoryview) -> int:
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0
