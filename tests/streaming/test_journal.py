@@ -15,18 +15,25 @@ from pvsfarm.views import BootMethod, CacheType, VDiskMode
 from sqlalchemy.orm import sessionmaker
 
 
-def test_flush_is_idempotent_and_applies_io_moves_and_ends(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def farm_with(db_url: str, tmp_path, servers: tuple[str, ...], macs: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """A migrated database with ``servers``, vDisk "base" on the first, and one device per MAC."""
     engine = make_engine(db_url)
     upgrade(engine)
     factory = sessionmaker(engine, expire_on_commit=False)
     image = tmp_path / "b.img"
     image.write_bytes(b"\0" * 4096)
     with session_scope(factory) as s:
-        s1 = farm.ensure_server(s, "s1", "10.0.0.1", http_port=1, nbd_port=2, tftp_port=3)
-        farm.ensure_server(s, "s2", "10.0.0.2", http_port=1, nbd_port=2, tftp_port=3)
-        vdisks.add_vdisk(s, "t", s1, "base", image, tmp_path, mode=VDiskMode.STANDARD,
+        first = [farm.ensure_server(s, name, f"10.0.0.{i}", http_port=1, nbd_port=2, tftp_port=3)
+                 for i, name in enumerate(servers, 1)][0]
+        vdisks.add_vdisk(s, "t", first, "base", image, tmp_path, mode=VDiskMode.STANDARD,
                          cache_type=CacheType.SERVER, boot_method=BootMethod.SANBOOT, copy=False)
-        devices.add_device(s, "t", devices.make_spec("52:54:00:00:00:01", "d1", None, None, "base"))
+        for i, mac in enumerate(macs, 1):
+            devices.add_device(s, "t", devices.make_spec(mac, f"d{i}", None, None, "base"))
+    return engine, factory
+
+
+def test_flush_is_idempotent_and_applies_io_moves_and_ends(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine, factory = farm_with(db_url, tmp_path, ("s1", "s2"), ("52:54:00:00:00:01",))
     mac = str(MacAddress.parse("52:54:00:00:00:01"))
     j = Journal()
     j.open("sid1", mac, "base", "s1", 1000.0)
@@ -54,18 +61,8 @@ def test_flush_ends_earlier_sessions_and_skips_unknown_rows(db_url: str, tmp_pat
     """Both write paths (PostgreSQL arrays, portable bulk statements) give the same rows."""
     from pvsfarm.db.models import aware
 
-    engine = make_engine(db_url)
-    upgrade(engine)
-    factory = sessionmaker(engine, expire_on_commit=False)
-    image = tmp_path / "b.img"
-    image.write_bytes(b"\0" * 4096)
-    with session_scope(factory) as s:
-        s1 = farm.ensure_server(s, "s1", "10.0.0.1", http_port=1, nbd_port=2, tftp_port=3)
-        vdisks.add_vdisk(s, "t", s1, "base", image, tmp_path, mode=VDiskMode.STANDARD,
-                         cache_type=CacheType.SERVER, boot_method=BootMethod.SANBOOT, copy=False)
-        for i in (1, 2):
-            devices.add_device(s, "t", devices.make_spec(f"52:54:00:00:00:0{i}", f"d{i}", None, None, "base"))
     d1, d2 = "52:54:00:00:00:01", "52:54:00:00:00:02"
+    engine, factory = farm_with(db_url, tmp_path, ("s1",), (d1, d2))
     j = Journal()
     j.open("a", d1, "base", "s1", 1000.0)
     j.open("b", d2, "base", "s1", 1001.0)
