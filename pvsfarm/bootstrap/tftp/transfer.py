@@ -26,7 +26,7 @@ ACKs as come in, without a trip through the poller per block:
 Bounded: only while at most ``busy_poll_transfers`` transfers run (a storm
 never polls), at most `BUSY_SLICE_S` per callback so the node's event loop
 (DHCP, NBD, HTTP) runs between slices, and a spin that times out (a slow or
-distant client) backs off exponentially (`MAX_BACKOFF`).  The per-block
+distant client) backs off exponentially (`pvsfarm.backoff`).  The per-block
 session work is `ReadSession.next_window`.
 """
 
@@ -39,6 +39,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from pvsfarm.backoff import SpinBackoff
 from pvsfarm.bootstrap.tftp.files import FileSource
 from pvsfarm.bootstrap.tftp.session import (
     MessageIgnored,
@@ -59,9 +60,6 @@ Address = tuple[str, int]
 BUSY_SLICE_S = 0.002
 """Longest run of busy-polled blocks in one callback before the event loop
 gets a turn (~250 lock-step blocks on loopback; uvloop's clock ticks in ms)."""
-MAX_BACKOFF = 64
-"""After a spin that timed out, that many (doubling) ACKs are awaited in the
-event loop before polling again."""
 SPIN_AFTER_MISSES = 8
 """ACKs in a row found neither at once nor after a yield before spinning."""
 
@@ -84,9 +82,8 @@ class Transfer:
         """Datagrams received by busy polling (a test and tuning signal)."""
         self.busy_misses = 0
         """Busy polls that timed out."""
-        self._backoff = 0  # ACKs to await in the event loop before polling again
+        self._backoff = SpinBackoff()  # ACKs to await in the event loop before polling again
         self._misses = 0  # ACKs in a row not there right after the send (see _spinning)
-        self._skip = 0
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -178,8 +175,7 @@ class Transfer:
     def _busy_poll_now(self) -> bool:
         if self.busy_poll_s <= 0:
             return False
-        if self._skip:
-            self._skip -= 1
+        if self._backoff.skipping():
             return False
         return self.may_busy_poll()
 
@@ -199,14 +195,13 @@ class Transfer:
                     until = monotonic() + self.busy_poll_s
                 elif monotonic() >= until:
                     self.busy_misses += 1
-                    self._backoff = min(2 * self._backoff or 1, MAX_BACKOFF)
-                    self._skip = self._backoff
+                    self._backoff.timed_out()
                     return None
                 continue
             except OSError as exc:
                 return self._abandon(exc)
             if until:
-                self._backoff = 0
+                self._backoff.caught()
                 self.busy_hits += 1
             else:
                 self._misses = 0

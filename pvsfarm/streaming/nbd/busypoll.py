@@ -15,8 +15,8 @@ Rules that keep it bounded and fair (the kernel's ``net.core.busy_poll`` idea):
     process runnable on the same CPU is not kept waiting;
   * a connection spins only when everything it owes is on the wire (the caller checks);
   * a spin that timed out (a client across a real network, or a quiet one) makes that
-    connection skip the next 1, 2, 4 ... ``MAX_BACKOFF`` waits (doubling while they keep
-    timing out, reset by a hit), so CPU is spent where spinning pays.
+    connection skip the next 1, 2, 4 ... 64 waits (`pvsfarm.backoff`, as TFTP transfers
+    do), so CPU is spent where spinning pays.
 ``spin_s`` comes from ``nbd.busy_poll_us`` (0 turns it off).
 """
 
@@ -26,10 +26,10 @@ import os
 import select
 import time
 
+from pvsfarm.backoff import SpinBackoff
+
 _perf = time.perf_counter
 READ_BYTES = 256 * 2**10
-MAX_BACKOFF = 64
-"""Most waits a connection skips after spins that timed out in a row."""
 
 
 class BusyPoller:
@@ -39,7 +39,7 @@ class BusyPoller:
         self.spin_s = spin_s
         self._ep = select.epoll()
         self.hits = self.misses = self.skipped = 0
-        self._backoff: dict[int, list[int]] = {}  # fd -> [waits still to skip, next back-off]
+        self._backoff: dict[int, SpinBackoff] = {}  # connections whose spins timed out
         # one receive buffer for the whole worker (os.read(fd, 256 KiB) would mmap and
         # unmap per call; one per connection would cost 256 KiB of each idle connection)
         self._buf = [memoryview(bytearray(READ_BYTES))]
@@ -67,8 +67,7 @@ class BusyPoller:
         the time is up (False: back to the event loop).  While ``fd`` backs off after
         timed-out spins, False at once."""
         backoff = self._backoff.get(fd)
-        if backoff is not None and backoff[0] > 0:
-            backoff[0] -= 1
+        if backoff is not None and backoff.skipping():
             self.skipped += 1
             return False
         poll, yield_cpu = self._ep.poll, os.sched_yield
@@ -86,8 +85,7 @@ class BusyPoller:
             if _perf() >= deadline:
                 self.misses += 1
                 if backoff is None:
-                    self._backoff[fd] = [1, 2]
-                else:
-                    backoff[0], backoff[1] = backoff[1], min(MAX_BACKOFF, backoff[1] * 2)
+                    backoff = self._backoff[fd] = SpinBackoff()
+                backoff.timed_out()
                 return False
             yield_cpu()
