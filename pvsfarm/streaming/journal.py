@@ -78,7 +78,7 @@ class Journal:
             self.ended[session_id] = at
 
     def open_events(self) -> list[_Open]:
-        return [_Open._make(event) for event in self.opened]
+        return [_Open._make(event) for event in _first_opens(self.opened)]
 
     def pending(self) -> int:
         with self._lock:
@@ -101,6 +101,15 @@ class Journal:
                 mine.last_at = max(mine.last_at, entry.last_at)
             self.moved = {**batch.moved, **self.moved}
             self.ended = {**batch.ended, **self.ended}
+
+
+def _first_opens(opened: list[OpenEvent]) -> list[OpenEvent]:
+    """Each session's first open: a failed-over session is opened again by the server it moved to
+    (in case its first server died before flushing), and both opens can meet in one batch."""
+    first: dict[str, OpenEvent] = {}
+    for event in opened:
+        first.setdefault(event[0], event)
+    return list(first.values())
 
 
 def _ts(epoch_s: float) -> dt.datetime:
@@ -220,7 +229,7 @@ def _write_batch_pg(session: Session, batch: Journal) -> None:
     if batch.opened:
         vdisks: dict[str, int] = dict(run(select(VDisk.name, VDisk.id)).all())  # type: ignore[arg-type]
         known = set(run(_PG_KNOWN, {"sids": _csv(e[0] for e in batch.opened)}).scalars())
-        new = [e for e in batch.opened if e[0] not in known and e[2] in vdisks and e[3] in servers]
+        new = [e for e in _first_opens(batch.opened) if e[0] not in known and e[2] in vdisks and e[3] in servers]
     new_ids = {e[0] for e in new}
     older = {sid: at for sid, at in batch.ended.items() if sid not in new_ids}
     if older:

@@ -109,6 +109,9 @@ class LoginService:
         if previous is not None:
             grant = ExportGrant(previous.session_id, key, vdisk.name, server.name, int(now))
             if server.name != previous.server:
+                # The old server may have died before flushing the session's open: open it here
+                # too (a session the database has already is not inserted again), then move it.
+                self.journal.open(grant.session_id, key, vdisk.name, server.name, float(previous.issued_at))
                 self.journal.move(grant.session_id, server.name)
                 # A dead node's targets fail over within a second: count the moves too, or
                 # they all pile onto the least-loaded survivor until the next refresh.

@@ -8,7 +8,7 @@ from pvsfarm.addr import MacAddress
 from pvsfarm.admin import devices, farm, vdisks
 from pvsfarm.db.engine import make_engine, session_scope
 from pvsfarm.db.migrate import upgrade
-from pvsfarm.db.models import StreamSession
+from pvsfarm.db.models import Server, StreamSession
 from pvsfarm.streaming.journal import Journal, live_load, write_batch
 from pvsfarm.views import BootMethod, CacheType, VDiskMode
 
@@ -93,3 +93,54 @@ def test_flush_ends_earlier_sessions_and_skips_unknown_rows(db_url: str, tmp_pat
         "c": (1002.5, None, 0, 0, None),
         "d": (1010.0, None, 0, 0, None),
     }
+
+
+def test_a_failover_records_a_session_whose_open_died_with_its_node(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A node killed before its journal flushed a login: the survivor that resumes the session
+    inserts it (and ends the device's earlier session), or the database never shows the target
+    streaming from anywhere (e2e: its row stuck on the dead node)."""
+    import time
+
+    from pvsfarm.db.snapshot import MemoryInventory
+    from pvsfarm.streaming.login import LoginService
+    from tests.streaming.test_login_farm import snapshot
+
+    mac = MacAddress.parse("52:54:00:5c:00:01")  # test_login_farm's device: vDisk "base" on n1 and n2
+    engine, factory = farm_with(db_url, tmp_path, ("n1", "n2"), (str(mac),))
+    now = time.time()
+    inventory = MemoryInventory(snapshot({"n1": now, "n2": now}))
+    first, survivor = (LoginService(inventory, lambda: b"k" * 32, Journal(), dead_after_s=5.0) for _ in range(2))
+    sanboot = first.login(mac, now)  # flushed
+    with session_scope(factory) as s:
+        write_batch(s, first.journal.take())
+    agent = first.login(mac, now + 1)  # the node dies before it flushes this login
+    first.journal.take()
+    moved = survivor.login(mac, now + 2, resume=agent.token, exclude=frozenset({agent.server.name}))
+    assert moved.resumed and moved.server.name != agent.server.name
+    survivor.journal.record_io(agent.grant.session_id, 4096, 0, now + 3)
+    with session_scope(factory) as s:
+        write_batch(s, survivor.journal.take())
+    with session_scope(factory) as s:
+        names = dict(s.execute(select(Server.id, Server.name)).all())
+        rows = {r.token: (names[r.server_id], r.ended_at is None, r.bytes_read) for r in s.scalars(select(StreamSession))}
+    engine.dispose()
+    assert rows == {sanboot.grant.session_id: (sanboot.server.name, False, 0),
+                    agent.grant.session_id: (moved.server.name, True, 4096)}
+
+
+def test_a_session_opened_twice_in_one_batch_is_inserted_once(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A session that failed over within one flush interval of its login, back to a node whose
+    journal still holds its first open: one row, on the server it moved to."""
+    mac = "52:54:00:00:00:01"
+    engine, factory = farm_with(db_url, tmp_path, ("s1", "s2"), (mac,))
+    j = Journal()
+    j.open("a", mac, "base", "s2", 1000.0)
+    j.open("a", mac, "base", "s1", 1000.0)  # resumed on s1 ...
+    j.move("a", "s1")
+    j.open("a", mac, "base", "s2", 1000.0)  # ... and back on s2
+    j.move("a", "s2")
+    with session_scope(factory) as s:
+        write_batch(s, j.take())
+        assert (live_load(s, "s1"), live_load(s, "s2")) == (0, 1)
+        assert len(s.scalars(select(StreamSession)).all()) == 1
+    engine.dispose()
