@@ -72,6 +72,7 @@ def test_token_export_read_by_real_clients(farm: tuple[RunningNode, str, Path], 
     info = json.loads(subprocess.run(["nbdinfo", "--json", uri], check=True, capture_output=True, text=True,
                                      timeout=30).stdout)
     assert info["exports"][0]["export-size"] == IMAGE_BYTES
+    assert info["protocol"] == "newstyle-fixed" and info["structured"] is True, info
     out = tmp_path / "copy.img"
     subprocess.run(["nbdcopy", uri, str(out)], check=True, timeout=120)
     assert sha256(out) == sha256(image)

@@ -195,15 +195,16 @@ class WorkerPool:
     # --- main -> worker -------------------------------------------------------------
 
     def hand_off(self, sock_fd: int, device_spec: dict[str, Any], info: ExportInfo, pending: bytes,
-                 opened: OpenedExport) -> int | None:
-        """Send connection ``sock_fd`` to a worker; its id, or None (then keep serving here)."""
+                 opened: OpenedExport, structured: bool = False) -> int | None:
+        """Send connection ``sock_fd`` to a worker; its id, or None (then keep serving here).
+        ``structured``: the handshake negotiated structured replies."""
         live = [w for w in self._workers if w is not None and w.ready and not w.dead]
         if self._closed or not live or len(pending) > MAX_MESSAGE_BYTES // 4:
             return None
         worker = min(live, key=lambda w: (len(w.conns), w.index))
         cid = next(self._ids)
         msg = {"op": "conn", "cid": cid, "device": device_spec, "export": asdict(info),
-               "pending": pending.hex()}
+               "pending": pending.hex(), "structured": structured}
         try:
             socket.send_fds(worker.ctl, [encode(msg)], [sock_fd])
         except OSError as exc:  # full (worker stuck) or gone: serve it here

@@ -22,7 +22,6 @@ import socket
 from typing import Callable, Sequence
 
 from pvsfarm.streaming.nbd.backend import Extent
-from pvsfarm.streaming.nbd.wire import encode_simple_reply
 
 _ZEROS = memoryview(bytes(1 << 20))
 
@@ -87,9 +86,10 @@ class ReplyWriter:
             parts, self._parts, self._size = self._parts, [], 0
             self._transport.writelines(parts)
 
-    def read_reply(self, handle: int, extents: Sequence[Extent]) -> None:
-        """Queue a successful READ reply.  OSError before anything is queued (the
-        caller answers EIO); ReplyAborted once part of it is on the wire."""
+    def read_reply(self, header: bytes, extents: Sequence[Extent]) -> None:
+        """Queue a successful READ reply: ``header`` (a simple reply, or the header of a
+        structured OFFSET_DATA chunk) and the extents' data.  OSError before anything is
+        queued (the caller answers EIO); ReplyAborted once part of it is on the wire."""
         if len(extents) == 1:
             ext = extents[0]
             total = ext.length
@@ -97,8 +97,8 @@ class ReplyWriter:
                 data = os.pread(ext.fd, total, ext.file_offset) if ext.fd >= 0 else zeros(total)
                 if len(data) != total:
                     raise OSError(5, f"short read: {len(data)} of {total} bytes")
-                self._parts += (encode_simple_reply(0, handle), data)
-                self._size += total + 16
+                self._parts += (header, data)
+                self._size += total + len(header)
                 if self._size >= self._flush_bytes:
                     self.flush()
                 return
@@ -107,10 +107,10 @@ class ReplyWriter:
         if total >= self._sendfile_direct_min:
             self.flush()
             if self._transport.get_write_buffer_size() == 0:
-                self._send_direct(encode_simple_reply(0, handle), extents)
+                self._send_direct(header, extents)
                 return
         parts = [read_extent(e) for e in extents]
-        self.add(encode_simple_reply(0, handle))
+        self.add(header)
         for part in parts:
             self.add(part)
 

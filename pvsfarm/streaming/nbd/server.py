@@ -37,7 +37,8 @@ from pvsfarm.streaming.nbd.session import (
     State,
     WriteCommand,
 )
-from pvsfarm.streaming.nbd.wire import Cmd, CmdFlag, Opt, Request, encode_simple_reply
+from pvsfarm.streaming.nbd.wire import (Cmd, CmdFlag, Opt, Request, encode_error_chunk, encode_read_chunk,
+                                        encode_simple_reply)
 
 if TYPE_CHECKING:
     from pvsfarm.streaming.nbd.busypoll import BusyPoller
@@ -64,12 +65,13 @@ def install_uvloop() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Handed:
-    """A connection whose handshake another process ran: its export, and the bytes
-    that process had received but not parsed."""
+    """A connection whose handshake another process ran: its export, the bytes that
+    process had received but not parsed, and whether it negotiated structured replies."""
 
     export: OpenedExport
     info: ExportInfo
     pending: bytes = b""
+    structured: bool = False
 
 
 class NbdServerProtocol(asyncio.Protocol):
@@ -116,7 +118,7 @@ class NbdServerProtocol(asyncio.Protocol):
             self._feed(self._session.initiate())
             return
         self._export = self._handed.export
-        self._session.resume_transmission(self._handed.info)
+        self._session.resume_transmission(self._handed.info, self._handed.structured)
         if self._poller is not None and sock is not None:
             self._poll_fd = os.dup(sock.fileno())
             self._poller.add(self._poll_fd)
@@ -279,7 +281,7 @@ class NbdServerProtocol(asyncio.Protocol):
         sock = self._transport.get_extra_info("socket")
         if pending is None or spec is None or sock is None:
             return
-        cid = self._pool.hand_off(sock.fileno(), spec, info, pending, export)
+        cid = self._pool.hand_off(sock.fileno(), spec, info, pending, export, self._session.structured)
         if cid is None:
             return
         self._handed_to = cid
@@ -360,14 +362,18 @@ class NbdServerProtocol(asyncio.Protocol):
         assert self._export is not None
         try:
             extents = self._export.device.read_extents(offset, length)
-            self._writer.read_reply(handle, extents)
+            header = encode_read_chunk(handle, offset, length) if self._session.structured else \
+                encode_simple_reply(0, handle)
+            self._writer.read_reply(header, extents)
         except ReplyAborted as exc:
             log.warning("nbd %s: %s", self._peer, exc)
             self._abort()
             return
         except Exception as exc:
             log.warning("nbd %s: read %d+%d failed: %s", self._peer, offset, length, exc)
-            self._writer.add(encode_simple_reply(errno_for_exception(exc), handle))
+            err = errno_for_exception(exc)
+            self._writer.add(encode_error_chunk(err, handle) if self._session.structured else
+                             encode_simple_reply(err, handle))
             return
         self._nread += length
 

@@ -12,10 +12,17 @@ values"): unknown command or flag -> EINVAL; write/write-zeroes past the end -> 
 other requests past the end -> EINVAL; write/trim/write-zeroes on a read-only export ->
 EPERM; READ or WRITE longer than ``max_request_bytes`` -> EINVAL (the maximum is
 advertised with ``NBD_INFO_BLOCK_SIZE``; the spec leaves the errno open and reserves
-EOVERFLOW for the structured-reply DF flag, which we do not negotiate).  A rejected
+EOVERFLOW for the structured-reply DF flag, which never applies here: a READ is always
+answered with one chunk).  A rejected
 WRITE's payload is read and discarded, so the connection stays usable.  A bad request
 magic, bad client flags or an option longer than ``max_option_bytes`` close the
 connection (the stream cannot be re-synchronised).
+
+Structured replies are negotiated on request (``NBD_OPT_STRUCTURED_REPLY``): then a READ
+is answered with one ``OFFSET_DATA`` chunk (the adapter, ``structured``) or one ``ERROR``
+chunk (here), the export advertises ``NBD_FLAG_SEND_DF`` and READ accepts the DF flag;
+other commands keep simple replies, as the spec allows.  No metadata contexts are offered
+(``NBD_OPT_SET_META_CONTEXT`` -> ``NBD_REP_ERR_UNSUP``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from pvsfarm.streaming.nbd.wire import (
     Rep,
     Request,
     TransmissionFlag,
+    encode_error_chunk,
     encode_simple_reply,
 )
 
@@ -51,7 +59,7 @@ _COMPACT_BYTES = 1 << 16
 # plain ints on the per-request path: IntEnum/IntFlag operators cost ~1 us each (profiled)
 _READ, _WRITE, _FLUSH, _TRIM, _ZERO = (int(c) for c in (Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES))
 _DISC = int(Cmd.DISC)
-_FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
+_FUA, _NO_HOLE, _DF = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF)
 _ALLOWED_FLAGS = {_READ: _FUA, _WRITE: _FUA, _FLUSH: _FUA, _TRIM: _FUA, _ZERO: _FUA | _NO_HOLE}
 _EINVAL, _EPERM, _ENOSPC = int(Errno.EINVAL), int(Errno.EPERM), int(Errno.ENOSPC)
 
@@ -117,9 +125,12 @@ class CloseConnection:
 Event = Union[SendData, OpenExport, ListExports, Request, WriteCommand, CloseConnection]
 
 
-def transmission_flags(info: ExportInfo) -> int:
-    """Transmission flags advertised for ``info`` (spec "Transmission flags")."""
+def transmission_flags(info: ExportInfo, structured: bool = False) -> int:
+    """Transmission flags advertised for ``info`` (spec "Transmission flags"); DF only
+    once structured replies are negotiated, as the spec requires."""
     flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
     if info.read_only:
         flags |= TransmissionFlag.READ_ONLY
     else:
@@ -131,7 +142,7 @@ def transmission_flags(info: ExportInfo) -> int:
 
 
 class ServerSession:
-    """One NBD server connection, fixed newstyle, simple replies only."""
+    """One NBD server connection, fixed newstyle, simple or structured replies."""
 
     def __init__(
         self,
@@ -157,6 +168,9 @@ class ServerSession:
         self._write_req: Request | None = None
         self._discard = 0
         self._discard_reply = b""
+        self.structured = False
+        """Structured replies negotiated: the adapter answers READs with chunks."""
+        self._read_flags = _FUA
 
     # --- API ----------------------------------------------------------------------
 
@@ -193,11 +207,13 @@ class ServerSession:
         self.state = State.OPTIONS
         return self._process(out)
 
-    def resume_transmission(self, info: ExportInfo) -> None:
+    def resume_transmission(self, info: ExportInfo, structured: bool = False) -> None:
         """Start in the transmission phase of ``info``: another process ran the
-        handshake and handed the connection over (``nbd.handoff``)."""
+        handshake (which negotiated ``structured`` replies or not) and handed the
+        connection over (``nbd.handoff``)."""
         if self.state is not State.CLIENT_FLAGS or self._buf:
             raise LocalProtocolError("resume_transmission() on a session already started")
+        self._set_structured(structured)
         self._enter_transmission(info)
 
     def lone_read(self, data: bytes) -> tuple[int, int, int] | None:
@@ -209,7 +225,7 @@ class ServerSession:
                 or self._discard or self._write_req is not None):
             return None
         magic, flags, typ, handle, offset, length = REQUEST.unpack(data)
-        if (magic != REQUEST_MAGIC or typ != _READ or flags & ~_FUA or length > self.max_request_bytes
+        if (magic != REQUEST_MAGIC or typ != _READ or flags & ~self._read_flags or length > self.max_request_bytes
                 or self.export is None or offset + length > self.export.size_bytes):
             return None
         return handle, offset, length
@@ -318,11 +334,21 @@ class ServerSession:
             self._start_info_go(opt, out)
         elif o == Opt.STARTTLS:
             self._error(out, o, Rep.ERR_POLICY, "TLS is not configured on this server")
-        elif o in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+        elif o == Opt.STRUCTURED_REPLY:
+            if opt.data:
+                self._error(out, o, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            else:
+                self._set_structured(True)
+                self._reply(out, o, Rep.ACK)
+        elif o in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT) and not self.structured:
             # spec: only after structured replies are negotiated, else ERR_INVALID
             self._error(out, o, Rep.ERR_INVALID, "structured replies not negotiated")
-        else:  # includes STRUCTURED_REPLY and EXTENDED_HEADERS: not implemented
+        else:  # includes the meta contexts (none offered) and EXTENDED_HEADERS
             self._error(out, o, Rep.ERR_UNSUP, "option not supported")
+
+    def _set_structured(self, structured: bool) -> None:
+        self.structured = structured
+        self._read_flags = _FUA | _DF if structured else _FUA
 
     def _start_info_go(self, opt: wire.OptionRequest, out: list[Event]) -> None:
         try:
@@ -341,7 +367,7 @@ class ServerSession:
         if info is None:  # spec: EXPORT_NAME cannot be refused except by closing
             self._close(out, "unknown export", protocol_error=False)
             return
-        flags = transmission_flags(info)
+        flags = transmission_flags(info, self.structured)
         reply = wire.ExportNameReply(info.size_bytes, flags, zeroes=not self._no_zeroes)
         out.append(SendData(reply.encode()))
         self._enter_transmission(info)
@@ -352,7 +378,7 @@ class ServerSession:
         if info is None or request is None:
             self._error(out, option, Rep.ERR_UNKNOWN, "export not available")
             return
-        items: list[wire.InfoItem] = [wire.InfoExport(info.size_bytes, transmission_flags(info))]
+        items: list[wire.InfoItem] = [wire.InfoExport(info.size_bytes, transmission_flags(info, self.structured))]
         if InfoType.NAME in request.info_types:
             items.append(wire.InfoName(info.name))
         if InfoType.DESCRIPTION in request.info_types and info.description:
@@ -376,7 +402,7 @@ class ServerSession:
         if export is None:  # unreachable: TRANSMISSION is entered with an export
             return _EINVAL
         typ, flags = req.type, req.flags
-        if typ == _READ and not flags & ~_FUA:  # hot path first: a plain READ
+        if typ == _READ and not flags & ~self._read_flags:  # hot path first: a plain READ
             if req.length > self.max_request_bytes:
                 return _EINVAL
             return _EINVAL if req.offset + req.length > export.size_bytes else 0
@@ -396,7 +422,7 @@ class ServerSession:
     def _run_transmission(self, out: list[Event]) -> None:
         buf, pos, end = self._buf, self._pos, len(self._buf)
         unpack = REQUEST.unpack_from
-        max_read = self.max_request_bytes
+        max_read, read_flags = self.max_request_bytes, self._read_flags
         size = self.export.size_bytes if self.export is not None else 0
         while True:
             if self._discard or self._write_req is not None:
@@ -414,7 +440,7 @@ class ServerSession:
                 self._close(out, "client sent NBD_CMD_DISC", protocol_error=False)
                 return
             req = Request(flags, typ, handle, offset, length)
-            if typ == _READ and not flags & ~_FUA and length <= max_read and offset + length <= size:
+            if typ == _READ and not flags & ~read_flags and length <= max_read and offset + length <= size:
                 out.append(req)  # the hot path, inlined from _validate (profiled: ~8% per READ)
                 continue
             err = self._validate(req)
@@ -425,8 +451,9 @@ class ServerSession:
                         out.append(SendData(self._discard_reply))
                 else:
                     self._write_req = req
-            elif err:
-                out.append(SendData(encode_simple_reply(err, handle)))
+            elif err:  # with structured replies a READ MUST NOT get a simple reply, errors included
+                reply = encode_error_chunk(err, handle) if typ == _READ and self.structured else None
+                out.append(SendData(reply or encode_simple_reply(err, handle)))
             else:
                 out.append(req)
         self._pos = pos

@@ -11,8 +11,10 @@ or ``None`` when ``buf`` holds too few bytes yet; ``decode`` raises only
 the bytes following a WRITE request) stay out of the codec: a request or reply is its
 header only, the adapter moves the data.
 
-Structured replies are not implemented; the session answers
-``NBD_OPT_STRUCTURED_REPLY`` with ``NBD_REP_ERR_UNSUP`` (allowed by the spec).
+Structured replies (spec "Structured reply chunk message"): a server that negotiated
+them answers every READ with chunks (`StructuredChunk`; ``encode_read_chunk`` and
+``encode_error_chunk`` are the adapter's fast paths) and may keep simple replies for the
+other commands, as pvsfarm does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT", newstyle magic
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513  # NBD_REQUEST_MAGIC
 SIMPLE_REPLY_MAGIC = 0x67446698  # NBD_SIMPLE_REPLY_MAGIC
+STRUCTURED_REPLY_MAGIC = 0x668E33EF  # NBD_STRUCTURED_REPLY_MAGIC
 MAX_STRING_BYTES = 4096  # spec "Conventions": strings MUST be no longer than 4096 bytes
 EXPORT_NAME_ZEROES = 124  # reserved zero bytes after an NBD_OPT_EXPORT_NAME reply
 
@@ -39,6 +42,9 @@ _REP_HDR = struct.Struct(">QIII")
 _EXPORT_REPLY = struct.Struct(">QH")
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
+CHUNK = struct.Struct(">IHHQI")  # structured reply chunk header: magic, flags, type, handle, length
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # + the offset of an OFFSET_DATA chunk
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")  # + error, message length of an ERROR chunk
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _INFO_EXPORT = struct.Struct(">HQH")
@@ -147,6 +153,23 @@ class CmdFlag(enum.IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+
+
+class ReplyFlag(enum.IntFlag):
+    """Structured reply chunk flags, ``NBD_REPLY_FLAG_*``."""
+
+    DONE = 1 << 0
+
+
+class ReplyType(enum.IntEnum):
+    """Structured reply chunk types, ``NBD_REPLY_TYPE_*``; errors have bit 15 set."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+    ERROR_OFFSET = (1 << 15) + 2
 
 
 class Errno(enum.IntEnum):
@@ -394,6 +417,69 @@ class SimpleReply:
 def encode_simple_reply(error: int, handle: int) -> bytes:
     """Fast path of ``SimpleReply(error, handle).encode()`` for the adapter's hot loop."""
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredChunk:
+    """One structured reply chunk, header and payload (a READ's data stays outside the
+    codec: for ``OFFSET_DATA`` the payload here is only its 8-byte offset)::
+
+        S: 32 bits, 0x668e33ef, magic (NBD_STRUCTURED_REPLY_MAGIC)
+        S: 16 bits, flags (NBD_REPLY_FLAG_DONE on the last chunk of a reply)
+        S: 16 bits, type (NBD_REPLY_TYPE_*)
+        S: 64 bits, handle
+        S: 32 bits, length of payload (for OFFSET_DATA: 8 + the data's length)
+        S: payload
+    """
+
+    flags: int
+    type: int
+    handle: int
+    length: int
+    payload: bytes
+
+    HEADER = CHUNK.size
+
+    def encode(self) -> bytes:
+        return CHUNK.pack(STRUCTURED_REPLY_MAGIC, self.flags, self.type, self.handle, self.length) + self.payload
+
+    @classmethod
+    def decode(cls, buf: Buffer) -> tuple[StructuredChunk, int] | None:
+        """The header and the payload; for OFFSET_DATA only the 8-byte offset is taken
+        (``consumed`` stops there, the data follows)."""
+        if not _need(buf, cls.HEADER):
+            return None
+        magic, flags, typ, handle, length = CHUNK.unpack_from(buf)
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise MalformedMessage(f"bad structured reply magic 0x{magic:08x}")
+        take = 8 if typ == ReplyType.OFFSET_DATA else length
+        if typ == ReplyType.OFFSET_DATA and length < 8:
+            raise MalformedMessage(f"OFFSET_DATA chunk of {length} bytes has no offset")
+        if not _need(buf, cls.HEADER + take):
+            return None
+        payload = bytes(buf[cls.HEADER : cls.HEADER + take])
+        return cls(flags, typ, handle, length, payload), cls.HEADER + take
+
+    def error(self) -> tuple[int, str]:
+        """(errno, message) of an error chunk."""
+        if not self.type & (1 << 15) or len(self.payload) < 6:
+            raise MalformedMessage(f"chunk type {self.type} is not an error with its 6-byte payload")
+        errno, n = struct.unpack_from(">IH", self.payload)
+        if 6 + n > len(self.payload):
+            raise MalformedMessage("error message runs past the chunk")
+        return errno, self.payload[6 : 6 + n].decode(errors="replace")
+
+
+def encode_read_chunk(handle: int, offset: int, length: int) -> bytes:
+    """Header of the one OFFSET_DATA chunk (flag DONE) of a successful READ of ``length``
+    bytes at ``offset``; the data follows.  One chunk, so the DF flag is always honoured."""
+    return _DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, 1, handle, 8 + length, offset)  # DONE, OFFSET_DATA
+
+
+def encode_error_chunk(error: int, handle: int, message: bytes = b"") -> bytes:
+    """A failed command's reply as one ERROR chunk (flag DONE)."""
+    return _ERROR_CHUNK.pack(STRUCTURED_REPLY_MAGIC, int(ReplyFlag.DONE), int(ReplyType.ERROR), handle,
+                             6 + len(message), error, len(message)) + message
 
 
 # --- option payloads (the ``data`` of OptionRequest / OptionReply) -----------------

@@ -142,7 +142,8 @@ class Worker:
             self._closed.append(cid)
             self._flush_reports()
             return
-        handed = Handed(opened, ExportInfo(**msg["export"]), bytes.fromhex(msg["pending"]))
+        handed = Handed(opened, ExportInfo(**msg["export"]), bytes.fromhex(msg["pending"]),
+                        bool(msg.get("structured")))
         self._conns[cid] = None
         sock.setblocking(False)
         task = self._loop.create_task(

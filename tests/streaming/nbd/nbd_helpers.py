@@ -146,6 +146,7 @@ class RawClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.structured = False
 
     @classmethod
     async def connect(cls, port: int, flags: int | None = None) -> RawClient:
@@ -186,12 +187,27 @@ class RawClient:
     async def command(
         self, typ: int, offset: int = 0, length: int = 0, *, flags: int = 0, payload: bytes = b"", handle: int = 1
     ) -> tuple[int, bytes]:
-        """Send one request; return (error, read data)."""
+        """Send one request; return (error, read data). A structured reply (after
+        NBD_OPT_STRUCTURED_REPLY) must be one chunk with flag DONE: OFFSET_DATA at the
+        requested offset, or ERROR; ``self.structured`` tells which kind the last reply was."""
         self.send(wire.Request(flags, typ, handle, offset, length).encode() + payload)
-        reply, _ = wire.SimpleReply.decode(await self.read(16))
-        assert reply.handle == handle
-        data = await self.read(length) if typ == wire.Cmd.READ and reply.error == 0 else b""
-        return reply.error, data
+        head = await self.read(4)
+        self.structured = int.from_bytes(head, "big") == wire.STRUCTURED_REPLY_MAGIC
+        if not self.structured:
+            reply, _ = wire.SimpleReply.decode(head + await self.read(12))
+            assert reply.handle == handle
+            data = await self.read(length) if typ == wire.Cmd.READ and reply.error == 0 else b""
+            return reply.error, data
+        header = head + await self.read(wire.StructuredChunk.HEADER - 4)
+        size = int.from_bytes(header[16:20], "big")
+        kind = int.from_bytes(header[6:8], "big")
+        body = await self.read(8 if kind == wire.ReplyType.OFFSET_DATA else size)
+        chunk, _ = wire.StructuredChunk.decode(header + body)
+        assert (chunk.handle, chunk.flags) == (handle, wire.ReplyFlag.DONE), chunk
+        if chunk.type == wire.ReplyType.OFFSET_DATA:
+            assert int.from_bytes(chunk.payload, "big") == offset and chunk.length == 8 + length, chunk
+            return 0, await self.read(length)
+        return chunk.error()[0], b""
 
     async def closed_by_server(self) -> bool:
         """True when the server closes the connection (EOF) without sending more."""

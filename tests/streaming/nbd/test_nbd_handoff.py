@@ -19,7 +19,8 @@ import pytest
 from pvsfarm.store import SharedDevice, WriteCache
 from pvsfarm.streaming.nbd import FileDevice, OpenedExport, start_nbd_server
 from pvsfarm.streaming.nbd.handoff import WorkerPool
-from pvsfarm.streaming.nbd.wire import Cmd
+from pvsfarm.streaming.nbd import wire
+from pvsfarm.streaming.nbd.wire import Cmd, Errno, Opt, Rep
 
 from .nbd_helpers import IMAGE_BYTES, TIMEOUT_S, RawClient, Tracker, needs_tools, run, sha256
 
@@ -119,6 +120,19 @@ async def test_connections_are_served_by_the_workers(served: Served) -> None:
     assert os.getpid() not in {holder(a), holder(b)}
     err, data = await a.command(Cmd.READ, 4096, 8192)
     assert err == 0 and data == served.data[4096 : 4096 + 8192]
+
+
+async def test_a_worker_keeps_the_structured_replies_the_handshake_negotiated(served: Served) -> None:
+    client = await RawClient.connect(served.port)
+    served.clients.append(client)
+    (ack,) = await client.option(Opt.STRUCTURED_REPLY)
+    assert ack.reply_type == Rep.ACK
+    assert (await client.option(Opt.GO, wire.InfoRequest("cache").encode()))[-1].reply_type == Rep.ACK
+    plain = await served.open()  # and one that did not negotiate them
+    await eventually(lambda: holder(client) in served.pool.pids() and holder(plain) in served.pool.pids())
+    assert await client.command(Cmd.READ, 4096, 512) == (0, served.data[4096:4608]) and client.structured
+    assert await client.command(Cmd.READ, IMAGE_BYTES, 512) == (Errno.EINVAL, b"") and client.structured
+    assert await plain.command(Cmd.READ, 4096, 512) == (0, served.data[4096:4608]) and not plain.structured
 
 
 @needs_tools

@@ -63,7 +63,7 @@ def test_partial_sendfile_continues_through_the_transport_in_order(image) -> Non
     transport = FakeTransport(server)
     writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024)
     extents = [Extent(fd, 0, 2**20), Extent(-1, 0, 4096), Extent(fd, 3 * 2**20, 2**20)]
-    writer.read_reply(99, extents)
+    writer.read_reply(encode_simple_reply(0, 99), extents)
     on_socket = drain(client)
     assert 0 < len(on_socket) < 16 + 2**20 + 4096 + 2**20  # the socket filled up mid-reply
     assert transport.written  # ... and the transport got the rest
@@ -79,7 +79,7 @@ def test_small_reads_are_batched_up_to_the_cap(image) -> None:
     transport = FakeTransport(None)
     writer = ReplyWriter(transport, flush_bytes=64 * 1024, sendfile_min_bytes=0)
     for handle in range(20):  # 20 x (16 + 4096) bytes: one flush at the cap, the rest at flush()
-        writer.read_reply(handle, [Extent(fd, handle * 4096, 4096)])
+        writer.read_reply(encode_simple_reply(0, handle), [Extent(fd, handle * 4096, 4096)])
     assert transport.calls == 1
     writer.flush()
     assert transport.calls == 2
@@ -92,7 +92,7 @@ def test_read_error_raises_before_anything_is_queued(image, tmp_path: Path) -> N
     transport = FakeTransport(None)
     writer = ReplyWriter(transport, flush_bytes=1 << 20, sendfile_min_bytes=0)
     with pytest.raises(OSError):
-        writer.read_reply(1, [Extent(fd, 4 * 2**20 - 10, 4096)])  # short read past EOF
+        writer.read_reply(encode_simple_reply(0, 1), [Extent(fd, 4 * 2**20 - 10, 4096)])  # short read past EOF
     writer.flush()
     assert transport.written == b""
 
@@ -103,7 +103,7 @@ def test_eof_during_sendfile_after_the_header_aborts(image) -> None:
     server.setblocking(False)
     writer = ReplyWriter(FakeTransport(server), flush_bytes=1 << 20, sendfile_min_bytes=4096)
     with pytest.raises(ReplyAborted):
-        writer.read_reply(1, [Extent(fd, 4 * 2**20 - 4096, 8192)])  # file ends mid-extent
+        writer.read_reply(encode_simple_reply(0, 1), [Extent(fd, 4 * 2**20 - 4096, 8192)])  # file ends mid-extent
     writer.close()
     server.close()
     client.close()
@@ -120,7 +120,7 @@ async def test_a_full_socket_makes_the_writer_busy_until_sendfile_is_done(image)
                          loop=asyncio.get_running_loop(), on_idle=idle.set, on_abort=aborted.append)
     extents = [Extent(fd, 0, 2**20), Extent(-1, 0, 4096), Extent(fd, 3 * 2**20, 2**20)]
     expected = encode_simple_reply(0, 99) + data[: 2**20] + bytes(4096) + data[3 * 2**20 :]
-    writer.read_reply(99, extents)
+    writer.read_reply(encode_simple_reply(0, 99), extents)
     assert writer.busy and not idle.is_set()  # the socket filled up mid-reply
     received = bytearray()
     for _ in range(10_000):

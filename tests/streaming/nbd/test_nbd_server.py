@@ -117,12 +117,35 @@ async def test_unknown_option_then_go_still_works(farm: Farm) -> None:
     client = await RawClient.connect(farm.port)
     (reply,) = await client.option(0x1234, b"junk")
     assert reply.reply_type == Rep.ERR_UNSUP
-    (reply,) = await client.option(Opt.STRUCTURED_REPLY)
-    assert reply.reply_type == Rep.ERR_UNSUP  # truthful: simple replies only
     replies = await client.option(Opt.GO, wire.InfoRequest("ro").encode())
     assert replies[-1].reply_type == Rep.ACK
     assert await client.command(Cmd.READ, 0, 512) == (0, farm.data[:512])
+    assert not client.structured
     client.close()
+
+
+async def test_structured_replies_answer_reads_with_one_chunk(farm: Farm) -> None:
+    """After NBD_OPT_STRUCTURED_REPLY: READs (plain, DF, large via sendfile, failed) get one
+    chunk each; other commands may keep simple replies; the export advertises DF."""
+    client = await RawClient.connect(farm.port)
+    (reply,) = await client.option(Opt.STRUCTURED_REPLY, b"x")
+    assert reply.reply_type == Rep.ERR_INVALID  # the option takes no data
+    (reply,) = await client.option(Opt.STRUCTURED_REPLY)
+    assert reply.reply_type == Rep.ACK
+    replies = await client.option(Opt.GO, wire.InfoRequest("ro").encode())
+    assert replies[-1].reply_type == Rep.ACK
+    info = wire.decode_info(replies[0].data)
+    assert isinstance(info, wire.InfoExport)
+    assert info.transmission_flags & wire.TransmissionFlag.SEND_DF
+    assert await client.command(Cmd.READ, 4096, 512) == (0, farm.data[4096:4608]) and client.structured
+    assert await client.command(Cmd.READ, 0, 4096, flags=wire.CmdFlag.DF) == (0, farm.data[:4096])
+    big = len(farm.data) // 2
+    assert await client.command(Cmd.READ, 0, big, handle=7) == (0, farm.data[:big])  # sendfile path
+    assert await client.command(Cmd.READ, len(farm.data), 512) == (Errno.EINVAL, b"") and client.structured
+    assert await client.command(Cmd.READ, 0, 512, flags=1 << 9) == (Errno.EINVAL, b"") and client.structured
+    assert await client.command(Cmd.FLUSH) == (0, b"")
+    client.close()
+    await assert_served(farm)
 
 
 async def test_unknown_export_reveals_nothing(farm: Farm) -> None:

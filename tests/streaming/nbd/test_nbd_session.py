@@ -130,7 +130,7 @@ def test_export_name_unknown_closes_without_protocol_error() -> None:
     ("option", "data", "rep"),
     [
         (99, b"", Rep.ERR_UNSUP),
-        (Opt.STRUCTURED_REPLY, b"", Rep.ERR_UNSUP),
+        (Opt.STRUCTURED_REPLY, b"x", Rep.ERR_INVALID),
         (Opt.EXTENDED_HEADERS, b"", Rep.ERR_UNSUP),
         (Opt.STARTTLS, b"", Rep.ERR_POLICY),
         (Opt.LIST, b"x", Rep.ERR_INVALID),
@@ -308,6 +308,44 @@ def test_transmission_flags_per_export_kind() -> None:
     assert transmission_flags(RW) == (
         TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
     )
+    assert transmission_flags(RO, structured=True) == transmission_flags(RO) | TF.SEND_DF
+
+
+def _structured_on(info: ExportInfo = RW) -> tuple[ServerSession, list[wire.OptionReply]]:
+    s = ServerSession()
+    s.initiate()
+    s.receive_data(wire.ClientFlags(FLAGS).encode())
+    (ack,) = option_replies(s.receive_data(wire.OptionRequest(Opt.STRUCTURED_REPLY).encode()))
+    assert ack == wire.OptionReply(Opt.STRUCTURED_REPLY, Rep.ACK) and s.structured
+    (meta,) = option_replies(s.receive_data(wire.OptionRequest(Opt.SET_META_CONTEXT).encode()))
+    assert meta.reply_type == Rep.ERR_UNSUP  # negotiated now, but no contexts are offered
+    assert s.receive_data(go(info.name)) == [OpenExport(info.name, Opt.GO)]
+    return s, option_replies(s.export_resolved(info))
+
+
+def test_structured_replies_negotiated_advertise_df_and_fail_reads_with_error_chunks() -> None:
+    s, replies = _structured_on(RW)
+    assert wire.decode_info(replies[0].data) == wire.InfoExport(SIZE, transmission_flags(RW, structured=True))
+    df = int(wire.CmdFlag.DF)
+    events = s.receive_data(req(Cmd.READ, 0, 512, flags=df, handle=1) + req(Cmd.READ, SIZE, 512, handle=2)
+                            + req(Cmd.WRITE, SIZE, 1, handle=3) + b"x" + req(Cmd.READ, 0, 512, flags=1 << 9, handle=4))
+    assert events[0] == Request(df, Cmd.READ, 1, 0, 512)  # DF: we never split a READ, so it always holds
+    raw = sent(events[1:])
+    chunk, used = wire.StructuredChunk.decode(raw)
+    assert (chunk.flags, chunk.type, chunk.handle, chunk.error()) == (
+        wire.ReplyFlag.DONE, wire.ReplyType.ERROR, 2, (Errno.EINVAL, ""))
+    simple, n = wire.SimpleReply.decode(raw[used:])  # other commands keep simple replies
+    assert (simple.error, simple.handle) == (Errno.ENOSPC, 3)
+    chunk, rest = wire.StructuredChunk.decode(raw[used + n :])
+    assert (chunk.type, chunk.handle, chunk.error()[0]) == (wire.ReplyType.ERROR, 4, Errno.EINVAL)
+    assert used + n + rest == len(raw)
+
+
+def test_without_structured_replies_df_is_an_invalid_flag() -> None:
+    s = connected(RO)
+    (reply,) = simple_replies(s.receive_data(req(Cmd.READ, 0, 512, flags=int(wire.CmdFlag.DF))))
+    assert (reply.error, reply.handle) == (Errno.EINVAL, 7)
+    assert not s.structured
 
 
 # --- lone_read: the queue-depth-1 fast path must agree with receive_data ---------------
@@ -320,25 +358,26 @@ from pvsfarm.streaming.nbd.session import ExportInfo as _ExportInfo  # noqa: E40
 _SIZE = 1 << 20
 
 
-def _transmitting(read_only: bool = True) -> ServerSession:
+def _transmitting(read_only: bool = True, structured: bool = False) -> ServerSession:
     s = ServerSession(max_request_bytes=1 << 16)
-    s.resume_transmission(_ExportInfo("x", _SIZE, read_only, True))
+    s.resume_transmission(_ExportInfo("x", _SIZE, read_only, True), structured)
     return s
 
 
 _requests = st.builds(
     lambda magic_ok, flags, typ, handle, offset, length: (
         wire.REQUEST.pack(wire.REQUEST_MAGIC if magic_ok else 0x12345678, flags, typ, handle, offset, length)),
-    st.booleans(), st.sampled_from([0, int(wire.CmdFlag.FUA), 2, 0xFFFF]), st.sampled_from([0, 1, 2, 3, 4, 6, 99]),
+    st.booleans(), st.sampled_from([0, int(wire.CmdFlag.FUA), 2, int(wire.CmdFlag.DF), 5, 0xFFFF]),
+    st.sampled_from([0, 1, 2, 3, 4, 6, 99]),
     st.integers(0, 2**64 - 1), st.sampled_from([0, 4096, _SIZE - 4096, _SIZE, 2**63]),
     st.sampled_from([0, 1, 4096, 1 << 16, (1 << 16) + 1, 2**32 - 1]),
 )
 
 
 @settings(max_examples=400, deadline=None)
-@given(data=st.one_of(_requests, st.binary(max_size=40)), prefix=st.binary(max_size=30))
-def test_lone_read_agrees_with_receive_data(data: bytes, prefix: bytes) -> None:
-    fast, slow = _transmitting(), _transmitting()
+@given(data=st.one_of(_requests, st.binary(max_size=40)), prefix=st.binary(max_size=30), structured=st.booleans())
+def test_lone_read_agrees_with_receive_data(data: bytes, prefix: bytes, structured: bool) -> None:
+    fast, slow = _transmitting(structured=structured), _transmitting(structured=structured)
     if prefix:  # unparsed bytes already held: the fast path must step aside
         fast.receive_data(prefix)
         slow.receive_data(prefix)
