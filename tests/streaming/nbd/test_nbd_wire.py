@@ -35,7 +35,18 @@ VECTORS = [
     (H("25609513" "0000" "0000" "ffffffffffffffff" "0000000000000000" "00001000"),
      Request(0, wire.Cmd.READ, 2**64 - 1, 0, 4096)),
     (H("67446698" "00000016" "000000000000002a"), SimpleReply(22, 42)),
+    # structured chunks: OFFSET_DATA (DONE; 512 bytes of data at 4096 follow) and ERROR EINVAL "hi"
+    (H("668e33ef" "0001" "0001" "0000000000000007" "00000208" "0000000000001000"),
+     wire.StructuredChunk(1, wire.ReplyType.OFFSET_DATA, 7, 520, H("0000000000001000"))),
+    (H("668e33ef" "0001" "8001" "0000000000000009" "00000008" "00000016" "0002") + b"hi",
+     wire.StructuredChunk(1, wire.ReplyType.ERROR, 9, 8, H("00000016" "0002") + b"hi")),
 ]
+
+
+def test_structured_chunk_fast_paths_match_the_vectors() -> None:
+    assert wire.encode_read_chunk(7, 4096, 512) == VECTORS[-2][0]
+    assert wire.encode_error_chunk(22, 9, b"hi") == VECTORS[-1][0]
+    assert VECTORS[-1][1].error() == (22, "hi")
 
 
 @pytest.mark.parametrize(("raw", "msg"), VECTORS)
@@ -97,6 +108,8 @@ def test_info_vectors(raw: bytes, msg) -> None:
         (OptionReply.decode, bytes(20)),
         (Request.decode, H("25609514") + bytes(24)),
         (SimpleReply.decode, H("67446699") + bytes(12)),
+        (wire.StructuredChunk.decode, H("668e33ee") + bytes(16)),
+        (wire.StructuredChunk.decode, H("668e33ef" "0001" "0001" "0000000000000007" "00000004") + bytes(8)),
         (InfoRequest.decode, H("00000009" "0000")),  # name longer than the data
         (InfoRequest.decode, H("00000000" "0002" "0001")),  # says 2 requests, has 1
         (InfoRequest.decode, H("00000002") + b"\xff\xfe" + H("0000")),  # not UTF-8
@@ -186,6 +199,7 @@ DECODERS = [
     ExportNameReply.decode,
     Request.decode,
     SimpleReply.decode,
+    wire.StructuredChunk.decode,
 ]
 EXACT_DECODERS = [InfoRequest.decode, ServerEntry.decode, wire.decode_info]
 
