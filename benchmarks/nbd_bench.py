@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark pvsfarm's NBD server against ``nbdkit file`` on the same image.
 
-Measures, round-robin over the servers (RESULTS.md method: compare within one run):
+Measures, with every server up for a round and each test run on them back to back
+(the order alternates between rounds; RESULTS.md method: compare within one run):
   seq_c1, seq_c8    nbdcopy --connections=N URI null:   (MB/s; 256 KiB requests)
   seq_qemu          qemu-img convert -n ... null-co     (MB/s)
   rand_qdD_cN       fio ioengine=nbd randread bs=4k iodepth=D numjobs=N (IOPS)
   idle_rss          server RSS growth with --idle-conns connections parked after GO
                     (KiB per connection)
-and prints a table with medians and the pvsfarm/nbdkit ratio, then the servers' CPU
+and prints a table with medians, the pvsfarm/nbdkit ratio of the medians and the
+median of the per-round ("paired") ratios, then the servers' CPU
 (user + system, workers included) per GiB or per request: on loopback the clients
 share the 2 CPUs, so this is what a node pays per unit of work whatever the client costs.
 
@@ -244,7 +246,7 @@ def print_cpu_table(cpu: dict[str, dict[str, list[float]]], tests: list[str], se
 
 def print_table(results: dict[str, dict[str, list[float]]], tests: list[str], servers: list[str]) -> None:
     pv = [s for s in servers if s.startswith("pvsfarm")] if "nbdkit" in servers else []
-    head = ["test", "unit"] + servers + [f"{s}/nbdkit" for s in pv]
+    head = ["test", "unit"] + servers + [f"{s}/nbdkit" for s in pv] + [f"{s}/nbdkit paired" for s in pv]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for t in tests:
         cells = [t, UNITS[t.split("_")[0]]]
@@ -258,8 +260,13 @@ def print_table(results: dict[str, dict[str, list[float]]], tests: list[str], se
                 cells.append(f"{1 / ratio if t == 'idle_rss' else ratio:.2f}x")
             else:
                 cells.append("-")
+        for s in pv:  # the same round's pair: median [min-max] of the per-round ratios
+            pairs = [a / b for a, b in zip(results[s].get(t, []), results["nbdkit"].get(t, [])) if a and b]
+            pairs = [1 / r for r in pairs] if t == "idle_rss" else pairs
+            cells.append(f"{statistics.median(pairs):.2f}x [{min(pairs):.2f}-{max(pairs):.2f}]" if pairs else "-")
         print("| " + " | ".join(cells) + " |")
-    print("(idle_rss ratio is nbdkit/pvsfarm, so > 1 means pvsfarm uses less memory)")
+    print("(ratio: of the medians; paired: median [min-max] of the ratios within each round, where the two\n"
+          " servers ran the test back to back; idle_rss ratios are nbdkit/pvsfarm, > 1 means pvsfarm uses less)")
 
 
 def main() -> None:
@@ -284,12 +291,19 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {s: {} for s in servers}
     cpu: dict[str, dict[str, list[float]]] = {s: {} for s in servers}
     for rnd in range(args.rounds):
-        for server in servers:
-            proc, uri = start_server(server, image, args)
-            try:
+        # Every server is up for the whole round and each test runs on them back to back,
+        # in an order that alternates between rounds: the machine's drift (nbdkit's own
+        # figures moved 20-30 % within an hour here) then hits both sides of a pair alike.
+        running: dict[str, tuple[subprocess.Popen, str]] = {}
+        try:
+            for server in servers:
+                running[server] = start_server(server, image, args)
                 if rnd == 0:
-                    verify(uri, digest)
-                for test in tests:
+                    verify(running[server][1], digest)
+            order = servers if rnd % 2 == 0 else servers[::-1]
+            for test in tests:
+                for server in order:
+                    proc, uri = running[server]
                     before = cpu_s(proc.pid)
                     value = measure(test, uri, proc, size, args)
                     used = cpu_s(proc.pid) - before
@@ -299,7 +313,8 @@ def main() -> None:
                     elif test.startswith("rand") and value:
                         cpu[server].setdefault(test, []).append(used * 1e6 / (value * args.fio_seconds))
                     print(f"RAW\tnbd\t{server}\t{test}\t{UNITS[test.split('_')[0]]}\t{value:.1f}", flush=True)
-            finally:
+        finally:
+            for proc, _ in running.values():
                 proc.terminate()
                 proc.wait(10)
     print_table(results, tests, servers)
