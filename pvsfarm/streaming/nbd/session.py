@@ -13,10 +13,9 @@ other requests past the end -> EINVAL; write/trim/write-zeroes on a read-only ex
 EPERM; READ or WRITE longer than ``max_request_bytes`` -> EINVAL (the maximum is
 advertised with ``NBD_INFO_BLOCK_SIZE``; the spec leaves the errno open and reserves
 EOVERFLOW for the structured-reply DF flag, which never applies here: a READ is always
-answered with one chunk).  A rejected
-WRITE's payload is read and discarded, so the connection stays usable.  A bad request
-magic, bad client flags or an option longer than ``max_option_bytes`` close the
-connection (the stream cannot be re-synchronised).
+answered with one chunk).  A rejected WRITE's payload is read and discarded, so the
+connection stays usable.  A bad request magic, bad client flags or an option longer than
+``max_option_bytes`` close the connection (the stream cannot be re-synchronised).
 
 Structured replies are negotiated on request (``NBD_OPT_STRUCTURED_REPLY``): then a READ
 is answered with one ``OFFSET_DATA`` chunk (the adapter, ``structured``) or one ``ERROR``
