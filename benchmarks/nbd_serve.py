@@ -103,6 +103,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     server.close()
     if pool is not None:
+        print(f"busy polling: {pool.busy_poll_stats()}", file=sys.stderr, flush=True)
         pool.close()
 
 
