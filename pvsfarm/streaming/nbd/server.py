@@ -37,7 +37,7 @@ from pvsfarm.streaming.nbd.session import (
     State,
     WriteCommand,
 )
-from pvsfarm.streaming.nbd.wire import (Cmd, CmdFlag, Opt, Request, encode_error_chunk, encode_read_chunk,
+from pvsfarm.streaming.nbd.wire import (Cmd, CmdFlag, Opt, Request, encode_read_chunk, encode_read_error,
                                         encode_simple_reply)
 
 if TYPE_CHECKING:
@@ -371,9 +371,7 @@ class NbdServerProtocol(asyncio.Protocol):
             return
         except Exception as exc:
             log.warning("nbd %s: read %d+%d failed: %s", self._peer, offset, length, exc)
-            err = errno_for_exception(exc)
-            self._writer.add(encode_error_chunk(err, handle) if self._session.structured else
-                             encode_simple_reply(err, handle))
+            self._writer.add(encode_read_error(errno_for_exception(exc), handle, self._session.structured))
             return
         self._nread += length
 

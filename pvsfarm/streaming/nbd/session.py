@@ -44,7 +44,7 @@ from pvsfarm.streaming.nbd.wire import (
     Rep,
     Request,
     TransmissionFlag,
-    encode_error_chunk,
+    encode_read_error,
     encode_simple_reply,
 )
 
@@ -450,9 +450,9 @@ class ServerSession:
                         out.append(SendData(self._discard_reply))
                 else:
                     self._write_req = req
-            elif err:  # with structured replies a READ MUST NOT get a simple reply, errors included
-                reply = encode_error_chunk(err, handle) if typ == _READ and self.structured else None
-                out.append(SendData(reply or encode_simple_reply(err, handle)))
+            elif err:
+                out.append(SendData(encode_read_error(err, handle, self.structured) if typ == _READ
+                                    else encode_simple_reply(err, handle)))
             else:
                 out.append(req)
         self._pos = pos

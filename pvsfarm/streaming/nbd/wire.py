@@ -482,6 +482,12 @@ def encode_error_chunk(error: int, handle: int, message: bytes = b"") -> bytes:
                              6 + len(message), error, len(message)) + message
 
 
+def encode_read_error(error: int, handle: int, structured: bool) -> bytes:
+    """A failed READ's reply: once structured replies are negotiated a READ MUST NOT get a
+    simple reply, errors included, so one ERROR chunk; a simple reply otherwise."""
+    return encode_error_chunk(error, handle) if structured else encode_simple_reply(error, handle)
+
+
 # --- option payloads (the ``data`` of OptionRequest / OptionReply) -----------------
 
 
