@@ -127,17 +127,24 @@ class NbdServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._queue and not self._paused and not self._closing and not self._writer.busy:
-            lone = self._session.lone_read(data)  # queue depth 1: skip building events
-            if lone is not None:
-                try:
-                    self._read(*lone)
-                except Exception:
-                    log.exception("nbd %s: internal error, closing the connection", self._peer)
-                    self._abort()
-                    return
-                self._run()
+            try:
+                self._take(data)
+            except Exception:
+                log.exception("nbd %s: internal error, closing the connection", self._peer)
+                self._abort()
                 return
+            self._run()
+            return
         self._feed(self._session.receive_data(data))
+
+    def _take(self, data: bytes) -> None:
+        """Serve or queue what ``data`` asks for, with nothing queued before it (callers
+        check): a lone plain READ (queue depth 1) is served at once, without building events."""
+        lone = self._session.lone_read(data)
+        if lone is not None:
+            self._read(*lone)
+        else:
+            self._queue.extend(self._session.receive_data(data))
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -222,11 +229,7 @@ class NbdServerProtocol(asyncio.Protocol):
             return False  # EAGAIN, or an error the event loop's own read will report
         if not data:
             return False  # EOF: the event loop reads it again and closes
-        lone = self._session.lone_read(data)
-        if lone is not None:
-            self._read(*lone)
-        else:
-            self._queue.extend(self._session.receive_data(data))
+        self._take(data)
         return True
 
     def _dispatch(self, ev: Event) -> None:
