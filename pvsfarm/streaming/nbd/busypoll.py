@@ -6,7 +6,8 @@ than serving the request.  If the worker spins for a few tens of µs after its r
 the next request is usually there before the vCPU halts.  Measured here (fio nbd
 randread 4K QD1, one connection, empty write cache): 10-11k IOPS blocking in the event
 loop, 18k spinning through event-loop iterations, and more with this poller, which
-spins on one ``epoll`` of all the worker's connections (no event-loop iteration per spin).
+spins reading the connection and polling one ``epoll`` of all the worker's connections
+(no event-loop iteration per spin).
 
 Rules that keep it bounded and fair (the kernel's ``net.core.busy_poll`` idea):
   * it spins only while no other connection of the worker (nor the control socket) has
@@ -57,35 +58,41 @@ class BusyPoller:
     def close(self) -> None:
         self._ep.close()
 
-    def read(self, fd: int) -> bytes:
-        """What ``fd`` has (b"" at EOF); OSError (EAGAIN included) as ``os.read``."""
-        n = os.readv(fd, self._buf)
-        return self._buf[0][:n].tobytes()
+    def next_input(self, fd: int) -> bytes | None:
+        """Spin until ``fd`` has input and return it (b"" at EOF), or None when something
+        else is ready, the time is up, or ``fd`` is backing off after timed-out spins; also
+        None when the read fails (the event loop's own read then reports the error).
 
-    def wait(self, fd: int) -> bool:
-        """Spin until ``fd`` has input (True), or until something else is ready or
-        the time is up (False: back to the event loop).  While ``fd`` backs off after
-        timed-out spins, False at once."""
+        Each turn tries ``fd`` itself first: a hit is then one ``readv``, where waiting on
+        the epoll set and reading after it took two system calls.  On this VM, where a
+        system call costs about a microsecond, that lifted fio 4K QD1 from 0.88x to 0.99x
+        nbdkit (paired, 5 rounds each, the same hour).  The set is polled in every turn
+        still, so another connection's input ends the spin at once."""
         backoff = self._backoff.get(fd)
         if backoff is not None and backoff.skipping():
             self.skipped += 1
-            return False
-        poll, yield_cpu = self._ep.poll, os.sched_yield
+            return None
+        readv, poll, yield_cpu, buf = os.readv, self._ep.poll, os.sched_yield, self._buf
         deadline = _perf() + self.spin_s
         while True:
-            ready = poll(0)
-            if ready:
-                for rfd, _ev in ready:
-                    if rfd == fd:
-                        self.hits += 1
-                        if backoff is not None:
-                            del self._backoff[fd]
-                        return True
-                return False
+            try:
+                n = readv(fd, buf)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return None
+            else:
+                self.hits += 1
+                if backoff is not None:
+                    del self._backoff[fd]
+                return buf[0][:n].tobytes()
+            for rfd, _ev in poll(0):
+                if rfd != fd:
+                    return None  # someone else is waiting: back to the event loop
             if _perf() >= deadline:
                 self.misses += 1
                 if backoff is None:
                     backoff = self._backoff[fd] = SpinBackoff()
                 backoff.timed_out()
-                return False
+                return None
             yield_cpu()

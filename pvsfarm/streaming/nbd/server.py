@@ -221,14 +221,11 @@ class NbdServerProtocol(asyncio.Protocol):
         """Busy-poll for the client's next request (busypoll.py); True when it was read
         and its events are queued.  Only once all we owe is on the wire."""
         assert self._poller is not None
-        if self._transport.get_write_buffer_size() or not self._poller.wait(self._poll_fd):
+        if self._transport.get_write_buffer_size():
             return False
-        try:
-            data = self._poller.read(self._poll_fd)
-        except OSError:
-            return False  # EAGAIN, or an error the event loop's own read will report
+        data = self._poller.next_input(self._poll_fd)
         if not data:
-            return False  # EOF: the event loop reads it again and closes
+            return False  # EOF or error: the event loop reads it again and closes
         self._take(data)
         return True
 

@@ -3,7 +3,7 @@
 The poller spins for a connection's next request only while nothing else of the worker
 has input; these tests pin that rule down, and check that connections served through
 the spin get the right bytes.  Clients are threads with blocking sockets: the spin
-releases the interpreter lock in every ``epoll`` call and ``sched_yield``.
+releases the interpreter lock in every ``readv``, ``epoll`` call and ``sched_yield``.
 """
 
 from __future__ import annotations
@@ -46,23 +46,27 @@ def pairs():
         s.close()
 
 
-def test_wait_returns_true_when_the_connection_has_input(pairs) -> None:
+def test_next_input_returns_what_the_connection_has(pairs) -> None:
     mine, peer = pairs()
     poller = BusyPoller(spin_s=30.0)
     poller.add(mine.fileno())
-    peer.send(b"x")
-    assert poller.wait(mine.fileno()) is True
+    mine.setblocking(False)
+    peer.send(b"xyz")
+    assert poller.next_input(mine.fileno()) == b"xyz"
     assert (poller.hits, poller.misses) == (1, 0)
+    peer.close()
+    assert poller.next_input(mine.fileno()) == b""  # EOF: the caller hands it to the event loop
 
 
-def test_wait_catches_input_that_arrives_while_spinning(pairs) -> None:
+def test_next_input_catches_input_that_arrives_while_spinning(pairs) -> None:
     mine, peer = pairs()
     poller = BusyPoller(spin_s=30.0)
     poller.add(mine.fileno())
+    mine.setblocking(False)
     timer = threading.Timer(0.02, peer.send, (b"x",))
     timer.start()
     try:
-        assert poller.wait(mine.fileno()) is True
+        assert poller.next_input(mine.fileno()) == b"x"
     finally:
         timer.cancel()
     assert poller.hits == 1
@@ -74,16 +78,19 @@ def test_another_connection_with_input_ends_the_spin_at_once(pairs) -> None:
     poller = BusyPoller(spin_s=30.0)
     poller.add(mine.fileno())
     poller.add(other.fileno())
+    mine.setblocking(False)
     other_peer.send(b"y")
-    assert poller.wait(mine.fileno()) is False
+    assert poller.next_input(mine.fileno()) is None
     assert (poller.hits, poller.misses) == (0, 0)  # not a time-out: it gave way
+    assert other.recv(1) == b"y"  # the other connection's input is left for the event loop
 
 
-def test_wait_gives_up_after_its_time(pairs) -> None:
+def test_next_input_gives_up_after_its_time(pairs) -> None:
     mine, _peer = pairs()
     poller = BusyPoller(spin_s=0.001)
     poller.add(mine.fileno())
-    assert poller.wait(mine.fileno()) is False
+    mine.setblocking(False)
+    assert poller.next_input(mine.fileno()) is None
     assert (poller.hits, poller.misses) == (0, 1)
 
 
@@ -97,8 +104,9 @@ def test_a_removed_or_closed_descriptor_does_not_break_the_set(pairs) -> None:
     poller.remove(gone.fileno())  # twice: no error
     gone.close()
     poller.remove(12345)  # never added
+    mine.setblocking(False)
     peer.send(b"x")
-    assert poller.wait(mine.fileno()) is True
+    assert poller.next_input(mine.fileno()) == b"x"
 
 
 # --- connections served through the spin -----------------------------------------------
@@ -225,27 +233,27 @@ def test_spins_that_time_out_back_off_and_a_hit_resets(pairs) -> None:
     mine, peer = pairs()
     poller = BusyPoller(spin_s=0.0005)
     poller.add(mine.fileno())
-    assert poller.wait(mine.fileno()) is False  # timed out: skip the next wait
+    mine.setblocking(False)
+    assert poller.next_input(mine.fileno()) is None  # timed out: skip the next wait
     assert (poller.misses, poller.skipped) == (1, 0)
     peer.send(b"x")
-    assert poller.wait(mine.fileno()) is False  # skipped, although input is there
+    assert poller.next_input(mine.fileno()) is None  # skipped, although input is there
     assert (poller.hits, poller.skipped) == (0, 1)
-    assert poller.wait(mine.fileno()) is True  # spins again
-    mine.recv(1)
+    assert poller.next_input(mine.fileno()) == b"x"  # spins again
     # a hit resets: the next time-out skips one wait again, then two, then four
 
     def skips_until_the_next_spin() -> int:
         n = 0
         while True:
             skipped, misses = poller.skipped, poller.misses
-            assert poller.wait(mine.fileno()) is False  # no input now
+            assert poller.next_input(mine.fileno()) is None  # no input now
             if poller.skipped > skipped:
                 n += 1
                 continue
             assert poller.misses == misses + 1  # it spun, and timed out
             return n
 
-    assert poller.wait(mine.fileno()) is False
+    assert poller.next_input(mine.fileno()) is None
     skips = [skips_until_the_next_spin() for _ in range(3)]
     assert skips == [1, 2, 4]
 
@@ -256,7 +264,9 @@ def test_back_off_is_per_connection(pairs) -> None:
     poller = BusyPoller(spin_s=0.0005)
     poller.add(quiet.fileno())
     poller.add(busy.fileno())
-    assert poller.wait(quiet.fileno()) is False  # quiet backs off
+    quiet.setblocking(False)
+    busy.setblocking(False)
+    assert poller.next_input(quiet.fileno()) is None  # quiet backs off
     busy_peer.send(b"x")
-    assert poller.wait(busy.fileno()) is True  # busy does not
+    assert poller.next_input(busy.fileno()) == b"x"  # busy does not
     assert poller.skipped == 0
