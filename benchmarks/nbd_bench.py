@@ -28,6 +28,9 @@ returns a BlockDevice whose write cache holds 50 % of the blocks (byte-identical
 base, so the checksum check still passes).  ``--overlay`` runs the built-in stand-in
 (benchmarks/nbd_serve.py HalfOverlayDevice: odd 64 KiB blocks from a copy).  nbdkit
 always serves the plain image, so the ratio then shows the overlay's cost.
+The first line says which TCP congestion control each server's connections run:
+pvsfarm's follow nbd.tcp_congestion (default cubic; --serve-arg=--tcp-congestion= keeps
+the system's), nbdkit's the system's.
 Needs: nbdkit, libnbd-bin (nbdcopy), qemu-utils, fio (with its nbd engine), uvloop.
 """
 
@@ -269,6 +272,28 @@ def print_table(results: dict[str, dict[str, list[float]]], tests: list[str], se
           " servers ran the test back to back; idle_rss ratios are nbdkit/pvsfarm, > 1 means pvsfarm uses less)")
 
 
+def tcp_setup(serve_args: list[str]) -> str:
+    """Which TCP congestion control each side runs: the figures depend on it (BBR without
+    the fq qdisc paces inside TCP, which slows the faster sender most; README, NBD)."""
+    from pvsfarm.streaming.nbd.config import NbdConfig
+
+    try:
+        system = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    except OSError:
+        system = "unknown"
+    try:
+        qdisc = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True,
+                               check=True).stdout.split()[1]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        qdisc = "unknown"
+    ours = NbdConfig().tcp_congestion
+    for arg in serve_args:
+        if arg.startswith("--tcp-congestion="):
+            ours = arg.split("=", 1)[1]
+    return (f"# TCP congestion control: system {system} (qdisc on lo: {qdisc}); "
+            f"pvsfarm's connections {ours or system} (nbd.tcp_congestion), nbdkit's {system}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="pvsfarm vs nbdkit NBD benchmark")
     p.add_argument("--dir", default="/tmp/pvsfarm-nbd-bench")
@@ -283,6 +308,7 @@ def main() -> None:
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("--serve-arg", action="append", default=[], help="extra nbd_serve.py argument")
     args = p.parse_args()
+    print(tcp_setup(args.serve_arg), flush=True)
     os.makedirs(args.dir, exist_ok=True)
     image, size = os.path.join(args.dir, "disk.img"), args.size_mib << 20
     make_image(image, size)

@@ -88,7 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     resolver = DictResolver({args.name: lambda: factory(args.image, read_only)})
     config = NbdConfig(flush_bytes=args.flush_kib * 1024, sendfile_min_bytes=args.sendfile_min_kib * 1024,
                        write_high_water_bytes=args.high_water_kib * 1024, busy_poll_us=args.busy_poll_us,
-                       send_buffer_bytes=args.send_buffer_kib * 1024)
+                       send_buffer_bytes=args.send_buffer_kib * 1024, tcp_congestion=args.tcp_congestion)
     pool = WorkerPool(args.workers, config) if args.workers > 0 else None
     if pool is not None:
         pool.start()
@@ -124,6 +124,8 @@ def main() -> None:
                    help="SO_SNDBUF of each connection (nbd.send_buffer_bytes; 0: kernel autotuning)")
     p.add_argument("--busy-poll-us", type=int, default=NbdConfig().busy_poll_us,
                    help="how long a worker spins for the next request (nbd.busy_poll_us; 0: never)")
+    p.add_argument("--tcp-congestion", default=NbdConfig().tcp_congestion,
+                   help="congestion control of each connection (nbd.tcp_congestion; '': the system's)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="NBD worker processes connections are handed to after the handshake, as the"
                         " node's nbd.workers (0: serve everything in this process)")

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from pvsfarm.errors import ConfigError
+from pvsfarm.streaming.nbd.config import TCP_CONGESTION as NBD_TCP_CONGESTION
 
 
 def default_data_dir() -> Path:
@@ -99,6 +100,10 @@ class NbdConfig:
     """How long a worker spins for a client's next request while none of its other
     connections has input, instead of sleeping (0 disables). Queue-depth-1 reads on a VM
     without halt polling ran 10-11k IOPS sleeping, ~20k spinning (benchmarks/nbd_bench.py)."""
+    tcp_congestion: str = NBD_TCP_CONGESTION
+    """TCP congestion control of NBD connections ("" = the system's). Default cubic: on a
+    LAN, BBR without the fq qdisc paces inside TCP and slowed sendfile streaming
+    (pvsfarm/streaming/nbd/config.py TCP_CONGESTION has the figures)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,13 +183,14 @@ class Node(OfflineMixin, HealthMixin):
 
     async def start_nbd(self) -> None:
         from pvsfarm.streaming.nbd.config import NbdConfig as NbdServerConfig
-        from pvsfarm.streaming.nbd.server import start_nbd_server
+        from pvsfarm.streaming.nbd.server import check_tcp_congestion, start_nbd_server
 
         from pvsfarm.streaming.nbd.handoff import WorkerPool
 
         cfg = self.cfg.nbd
+        check_tcp_congestion(cfg.tcp_congestion)  # before any worker starts
         server_cfg = NbdServerConfig(max_request_bytes=cfg.max_request_bytes, busy_poll_us=cfg.busy_poll_us,
-                                     send_buffer_bytes=cfg.send_buffer_bytes)
+                                     send_buffer_bytes=cfg.send_buffer_bytes, tcp_congestion=cfg.tcp_congestion)
         pool = None
         if cfg.workers > 0:
             pool = WorkerPool(cfg.workers, server_cfg)
@@ -202,7 +203,9 @@ class Node(OfflineMixin, HealthMixin):
                                         config=server_cfg, pool=pool)
         self.closers.append(server.close)
         served_by = f"{cfg.workers} worker processes" if pool is not None else "this process (nbd.workers: 0)"
-        self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port} (transmission in {served_by})")
+        congestion = cfg.tcp_congestion or "the system's"
+        self.say(f"nbd: listening on {cfg.listen_address}:{cfg.listen_port} (transmission in {served_by}; "
+                 f"TCP congestion control {congestion})")
 
     def bootstrap_file(self, name: str, _peer: tuple[str, int]) -> bytes | None:
         return self.http.bootstrap_text().encode() if name.lstrip("/") in BOOTSTRAP_NAMES else None

@@ -6,6 +6,16 @@ from dataclasses import dataclass
 
 from pvsfarm.streaming.nbd.session import DEFAULT_MAX_OPTION_BYTES, DEFAULT_MAX_REQUEST_BYTES
 
+TCP_CONGESTION = "cubic"
+"""Default congestion control of NBD connections: Linux's own default, loss-based.  A
+farm streams vDisks on a LAN, where BBR's gains (lossy, deep-buffered WAN paths) do
+not apply but its cost does: without the ``fq`` qdisc, BBR paces inside TCP with a
+timer per burst.  This machine runs BBR system-wide (qdisc ``noqueue`` on lo); with it,
+sendfile replies, which leave faster than copied ones, were slowed most: qemu-img
+convert 0.76x nbdkit, nbdcopy 1 connection 1.09x; with cubic on pvsfarm's sockets
+1.14x and 1.70x (benchmarks/nbd_bench.py, paired medians, nbdkit on the system's BBR
+in both runs)."""
+
 
 @dataclass(frozen=True, slots=True)
 class NbdConfig:
@@ -29,3 +39,6 @@ class NbdConfig:
     busy_poll_us: int = 50
     """How long a worker process spins for a client's next request while none of its
     other connections has input (busypoll.py); 0 = never spin."""
+    tcp_congestion: str = TCP_CONGESTION
+    """TCP congestion control of each connection (``TCP_CONGESTION``); "" keeps the
+    system's (net.ipv4.tcp_congestion_control).  See ``TCP_CONGESTION``."""

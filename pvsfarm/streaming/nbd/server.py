@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from pvsfarm.errors import ConfigError
 from pvsfarm.streaming.nbd.backend import ExportResolver, OpenedExport, errno_for_exception, release_export
 from pvsfarm.streaming.nbd.config import NbdConfig
 from pvsfarm.streaming.nbd.replies import ReplyAborted, ReplyWriter
@@ -105,12 +106,18 @@ class NbdServerProtocol(asyncio.Protocol):
         if self._config.write_high_water_bytes:
             transport.set_write_buffer_limits(high=self._config.write_high_water_bytes)
         sock = transport.get_extra_info("socket")
-        if self._config.send_buffer_bytes and sock is not None and self._handed is None:
-            try:  # (a handed connection keeps the option its first process set)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._config.send_buffer_bytes)
-            except OSError as exc:  # not fatal: the kernel's autotuning stays
-                log.debug("nbd %s: SO_SNDBUF: %s", self._peer, exc)
         cfg = self._config
+        if sock is not None and self._handed is None:  # a handed connection keeps its options
+            if cfg.send_buffer_bytes:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.send_buffer_bytes)
+                except OSError as exc:  # not fatal: the kernel's autotuning stays
+                    log.debug("nbd %s: SO_SNDBUF: %s", self._peer, exc)
+            if cfg.tcp_congestion:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cfg.tcp_congestion.encode())
+                except OSError as exc:  # not fatal: the system's stays (the node checks it at start)
+                    log.debug("nbd %s: TCP_CONGESTION %s: %s", self._peer, cfg.tcp_congestion, exc)
         self._writer = ReplyWriter(transport, cfg.flush_bytes, cfg.sendfile_min_bytes,
                                    loop=asyncio.get_running_loop(), on_idle=self._writer_idle,
                                    on_abort=self._writer_aborted)
@@ -388,6 +395,26 @@ class NbdServerProtocol(asyncio.Protocol):
         self._writer.add(encode_simple_reply(0, req.handle))
 
 
+def check_tcp_congestion(name: str) -> None:
+    """ConfigError unless this process may set ``name`` as a socket's congestion
+    control ("" = the system's: always fine); tried on a throw-away socket, so the
+    answer is the kernel's (an unloaded module, or one not in
+    net.ipv4.tcp_allowed_congestion_control without CAP_NET_ADMIN, fails here)."""
+    if not name:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        except OSError as exc:
+            try:
+                with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+                    available = f.read().split()
+            except OSError:
+                available = []
+            raise ConfigError(f"nbd.tcp_congestion: cannot use {name!r} ({exc.strerror}); "
+                              f"available: {' '.join(available) or 'unknown'}; \"\" keeps the system's") from exc
+
+
 async def start_nbd_server(
     resolver: ExportResolver,
     host: str | None,
@@ -405,6 +432,7 @@ async def start_nbd_server(
     safe when every process sees the same data, e.g. read-only base images.
     ``pool`` (started) hands connections to worker processes after the handshake."""
     cfg = NbdConfig(**{**asdict(config or NbdConfig()), **overrides})
+    check_tcp_congestion(cfg.tcp_congestion)
     loop = asyncio.get_running_loop()
     factory = lambda: NbdServerProtocol(resolver, cfg, pool=pool)  # noqa: E731
     return await loop.create_server(factory, host, port, reuse_port=reuse_port or None)

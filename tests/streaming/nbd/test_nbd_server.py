@@ -292,3 +292,51 @@ async def test_send_buffer_is_set_on_each_connection(tmp_path: Path, send_buffer
         writer.close()
     finally:
         server.close()
+
+
+def _system_congestion() -> str:
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
+@pytest.mark.parametrize("congestion", ["reno", ""])
+async def test_congestion_control_is_set_on_each_connection(tmp_path: Path, congestion: str) -> None:
+    """nbd config tcp_congestion: each connection's TCP_CONGESTION ("" keeps the system's).
+    reno is built into every Linux kernel and is nobody's default, so it cannot pass by chance."""
+    import socket as socket_mod
+
+    from pvsfarm.streaming.nbd import FileDevice
+    from pvsfarm.streaming.nbd.backend import DictResolver
+    from pvsfarm.streaming.nbd.config import NbdConfig
+    from pvsfarm.streaming.nbd.server import NbdServerProtocol
+
+    assert _system_congestion() != "reno"
+    image = tmp_path / "i.img"
+    image.write_bytes(bytes(1 << 20))
+    made: list[NbdServerProtocol] = []
+
+    def factory() -> NbdServerProtocol:
+        made.append(NbdServerProtocol(DictResolver({"": lambda: FileDevice(image)}),
+                                      NbdConfig(tcp_congestion=congestion)))
+        return made[-1]
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        await _wait_for(lambda: bool(made))
+        sock = made[0]._transport.get_extra_info("socket")
+        got = sock.getsockopt(socket_mod.IPPROTO_TCP, socket_mod.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+        assert got == (congestion or _system_congestion())
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_an_unusable_congestion_control_stops_the_server_from_starting() -> None:
+    from pvsfarm.errors import ConfigError
+    from pvsfarm.streaming.nbd.backend import DictResolver
+    from pvsfarm.streaming.nbd.server import check_tcp_congestion, start_nbd_server
+
+    check_tcp_congestion("")  # the system's: nothing to check
+    check_tcp_congestion("reno")
+    with pytest.raises(ConfigError, match=r"nbd.tcp_congestion: cannot use 'no-such-cc'.*available: .*reno"):
+        await start_nbd_server(DictResolver({}), "127.0.0.1", 0, tcp_congestion="no-such-cc")
