@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from pvsfarm.errors import ConfigError
-from pvsfarm.streaming.nbd.config import TCP_CONGESTION as NBD_TCP_CONGESTION
+from pvsfarm.streaming.nbd.config import NbdConfig as _NbdServerConfig
+
+_NBD = _NbdServerConfig()  # the NBD server's own defaults, which the node's nbd section keeps
 
 
 def default_data_dir() -> Path:
@@ -85,22 +87,22 @@ class NbdConfig:
     listen_address: str = "0.0.0.0"
     listen_port: int = 10809
     """IANA-registered NBD port."""
-    max_request_bytes: int = 32 * 1024 * 1024
+    max_request_bytes: int = _NBD.max_request_bytes
     """Largest READ/WRITE accepted (the NBD spec's 32 MiB advisory maximum)."""
     admin_from_loopback_only: bool = True
     """Administrators may open a vDisk read-only by name only from loopback."""
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Worker processes that serve connections after the handshake (one Python process
     uses one core: benchmarks/nbd_bench.py); default one per CPU, 0 = all in the node process."""
-    send_buffer_bytes: int = 4 * 2**20
+    send_buffer_bytes: int = _NBD.send_buffer_bytes
     """SO_SNDBUF of each NBD connection (the kernel caps it at net.core.wmem_max); 0 keeps
     the kernel's autotuning. Large reads stalled on a full socket buffer with autotuning
     (qemu-img convert: 0.52-0.64 s per GiB, 0.42-0.45 s with 4 MiB)."""
-    busy_poll_us: int = 50
+    busy_poll_us: int = _NBD.busy_poll_us
     """How long a worker spins for a client's next request while none of its other
     connections has input, instead of sleeping (0 disables). Queue-depth-1 reads on a VM
     without halt polling ran 10-11k IOPS sleeping, ~20k spinning (benchmarks/nbd_bench.py)."""
-    tcp_congestion: str = NBD_TCP_CONGESTION
+    tcp_congestion: str = _NBD.tcp_congestion
     """TCP congestion control of NBD connections ("" = the system's). Default cubic: on a
     LAN, BBR without the fq qdisc paces inside TCP and slowed sendfile streaming
     (pvsfarm/streaming/nbd/config.py TCP_CONGESTION has the figures)."""
