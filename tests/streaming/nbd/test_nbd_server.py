@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -258,12 +260,9 @@ async def _wait_for(predicate, timeout_s: float = 5.0) -> None:
     assert predicate()
 
 
-@pytest.mark.parametrize("send_buffer_bytes", [512 << 10, 1 << 20])
-async def test_send_buffer_is_set_on_each_connection(tmp_path: Path, send_buffer_bytes: int) -> None:
-    """nbd config send_buffer_bytes: SO_SNDBUF of each connection (Linux caps it at
-    net.core.wmem_max and doubles it)."""
-    import socket as socket_mod
-
+@contextlib.asynccontextmanager
+async def _server_side_socket(tmp_path: Path, **config: object) -> AsyncIterator[socket.socket]:
+    """The server's socket of one connection to an NBD server with ``NbdConfig(**config)``."""
     from pvsfarm.streaming.nbd import FileDevice
     from pvsfarm.streaming.nbd.backend import DictResolver
     from pvsfarm.streaming.nbd.config import NbdConfig
@@ -274,24 +273,27 @@ async def test_send_buffer_is_set_on_each_connection(tmp_path: Path, send_buffer
     made: list[NbdServerProtocol] = []
 
     def factory() -> NbdServerProtocol:
-        made.append(NbdServerProtocol(DictResolver({"": lambda: FileDevice(image)}),
-                                      NbdConfig(send_buffer_bytes=send_buffer_bytes)))
+        made.append(NbdServerProtocol(DictResolver({"": lambda: FileDevice(image)}), NbdConfig(**config)))
         return made[-1]
 
     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
     try:
         _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        for _ in range(200):
-            if made:
-                break
-            await asyncio.sleep(0.01)
-        sock = made[0]._transport.get_extra_info("socket")
-        got = sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_SNDBUF)
-        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
-        assert got == 2 * min(send_buffer_bytes, wmem_max)
+        await _wait_for(lambda: bool(made))
+        yield made[0]._transport.get_extra_info("socket")
         writer.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("send_buffer_bytes", [512 << 10, 1 << 20])
+async def test_send_buffer_is_set_on_each_connection(tmp_path: Path, send_buffer_bytes: int) -> None:
+    """nbd config send_buffer_bytes: SO_SNDBUF of each connection (Linux caps it at
+    net.core.wmem_max and doubles it)."""
+    async with _server_side_socket(tmp_path, send_buffer_bytes=send_buffer_bytes) as sock:
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    assert got == 2 * min(send_buffer_bytes, wmem_max)
 
 
 def _system_congestion() -> str:
@@ -302,33 +304,10 @@ def _system_congestion() -> str:
 async def test_congestion_control_is_set_on_each_connection(tmp_path: Path, congestion: str) -> None:
     """nbd config tcp_congestion: each connection's TCP_CONGESTION ("" keeps the system's).
     reno is built into every Linux kernel and is nobody's default, so it cannot pass by chance."""
-    import socket as socket_mod
-
-    from pvsfarm.streaming.nbd import FileDevice
-    from pvsfarm.streaming.nbd.backend import DictResolver
-    from pvsfarm.streaming.nbd.config import NbdConfig
-    from pvsfarm.streaming.nbd.server import NbdServerProtocol
-
     assert _system_congestion() != "reno"
-    image = tmp_path / "i.img"
-    image.write_bytes(bytes(1 << 20))
-    made: list[NbdServerProtocol] = []
-
-    def factory() -> NbdServerProtocol:
-        made.append(NbdServerProtocol(DictResolver({"": lambda: FileDevice(image)}),
-                                      NbdConfig(tcp_congestion=congestion)))
-        return made[-1]
-
-    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-    try:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        await _wait_for(lambda: bool(made))
-        sock = made[0]._transport.get_extra_info("socket")
-        got = sock.getsockopt(socket_mod.IPPROTO_TCP, socket_mod.TCP_CONGESTION, 16).rstrip(b"\0").decode()
-        assert got == (congestion or _system_congestion())
-        writer.close()
-    finally:
-        server.close()
+    async with _server_side_socket(tmp_path, tcp_congestion=congestion) as sock:
+        got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+    assert got == (congestion or _system_congestion())
 
 
 async def test_an_unusable_congestion_control_stops_the_server_from_starting() -> None:
