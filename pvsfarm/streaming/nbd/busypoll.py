@@ -31,6 +31,8 @@ from pvsfarm.backoff import SpinBackoff
 
 _perf = time.perf_counter
 READ_BYTES = 256 * 2**10
+COUNTS = ("hits", "misses", "skipped")
+"""What a poller counts (`BusyPoller.counts`), as workers report them and /health shows them."""
 
 
 class BusyPoller:
@@ -44,6 +46,11 @@ class BusyPoller:
         # one receive buffer for the whole worker (os.read(fd, 256 KiB) would mmap and
         # unmap per call; one per connection would cost 256 KiB of each idle connection)
         self._buf = [memoryview(bytearray(READ_BYTES))]
+
+    def counts(self) -> dict[str, int]:
+        """Spins that found input (hits), spins that timed out (misses), and waits a
+        backing-off connection skipped, since the poller was made."""
+        return {"hits": self.hits, "misses": self.misses, "skipped": self.skipped}
 
     def add(self, fd: int) -> None:
         self._ep.register(fd, select.EPOLLIN)

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pvsfarm.streaming.nbd.backend import OpenedExport, release_export
+from pvsfarm.streaming.nbd.busypoll import COUNTS
 from pvsfarm.streaming.nbd.config import NbdConfig
 from pvsfarm.streaming.nbd.session import ExportInfo
 
@@ -71,7 +72,7 @@ class _Worker:
     conns: set[int] = field(default_factory=set)
     ready: bool = False
     dead: bool = False
-    polled: tuple[int, int, int] = (0, 0, 0)  # the worker's busy-poll hits, misses, skipped so far
+    polled: dict[str, int] = field(default_factory=dict)  # the worker's busy-poll counts so far
 
 
 class WorkerPool:
@@ -90,7 +91,7 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._closed = False
-        self._polled_before = [0, 0, 0]  # counts of workers that died or were replaced
+        self._polled_before = dict.fromkeys(COUNTS, 0)  # counts of workers that died or were replaced
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -139,12 +140,12 @@ class WorkerPool:
         """Busy polling in the workers since the pool started (busypoll.py): spins that
         found the next request (hits), that timed out (misses), and waits skipped while a
         connection backed off.  Reported by each worker every 0.5 s."""
-        totals = list(self._polled_before)
+        totals = dict(self._polled_before)
         for w in self._workers:
             if w is not None:
-                for i, n in enumerate(w.polled):
-                    totals[i] += n
-        return dict(zip(("hits", "misses", "skipped"), totals))
+                for key, n in w.polled.items():
+                    totals[key] += n
+        return totals
 
     def _spawn(self, index: int) -> None:
         assert self._loop is not None
@@ -160,7 +161,7 @@ class WorkerPool:
         worker = _Worker(index, proc, mine)
         old = self._workers[index]
         if old is not None:  # a replacement: keep what the dead worker had counted
-            self._polled_before = [a + b for a, b in zip(self._polled_before, old.polled)]
+            self._polled_before = {k: n + old.polled.get(k, 0) for k, n in self._polled_before.items()}
         self._workers[index] = worker
         self._loop.add_reader(mine.fileno(), self._readable, worker)
 
@@ -263,7 +264,7 @@ class WorkerPool:
                 if entry is not None and entry[1].on_io is not None:
                     entry[1].on_io(nread, nwritten)
         elif op == "poll":
-            w.polled = (int(msg["hits"]), int(msg["misses"]), int(msg["skipped"]))
+            w.polled = {key: int(msg[key]) for key in COUNTS}
         elif op == "closed":
             for cid in msg["cids"]:
                 w.conns.discard(cid)

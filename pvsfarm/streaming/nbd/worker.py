@@ -46,7 +46,7 @@ class Worker:
         self._closed: list[int] = []
         self._last_heard = self._loop.time()
         self._poller = BusyPoller(config.busy_poll_us / 1e6) if config.busy_poll_us > 0 else None
-        self._polled = (0, 0, 0)  # the poller's counts last reported
+        self._polled: dict[str, int] = {}  # the poller's counts last reported
         self.done = asyncio.Event()
 
     def start(self) -> None:
@@ -119,9 +119,9 @@ class Worker:
 
     def _flush_reports(self) -> None:
         poller = self._poller
-        if poller is not None and (poller.hits, poller.misses, poller.skipped) != self._polled:
-            self._polled = (poller.hits, poller.misses, poller.skipped)
-            self._send({"op": "poll", "hits": poller.hits, "misses": poller.misses, "skipped": poller.skipped})
+        if poller is not None and (counts := poller.counts()) != self._polled:
+            self._polled = counts
+            self._send({"op": "poll", **counts})
         if self._io:
             io, self._io = self._io, {}
             self._send({"op": "io", "io": [[cid, r, w] for cid, (r, w) in io.items()]})
