@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import random
 import socket
+import struct
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -227,6 +229,32 @@ async def test_a_client_that_closes_during_the_spin_is_released(spinning: Spinni
         await asyncio.sleep(0.01)
     assert closed.is_set()
     assert proto._poll_fd == -1  # its dup was removed from the set and closed
+
+
+async def test_a_client_that_resets_during_the_spin_is_released(spinning: Spinning, caplog) -> None:
+    """A reset (RST) seen by the spin's own read ends the spin; the event loop then
+    closes the connection, and the worker goes on serving others."""
+
+    def client() -> bytes:
+        with socket.create_connection(("127.0.0.1", spinning.port), timeout=TIMEOUT_S) as s:
+            got = read(s, 3, 0, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return got  # closing with linger 0 sends RST while the server spins on it
+
+    assert await asyncio.wait_for(asyncio.to_thread(client), TIMEOUT_S) == spinning.data[:4096]
+    proto = spinning.protocols[-1]
+    for _ in range(200):
+        if proto._closing:
+            break
+        await asyncio.sleep(0.01)
+    assert proto._closing and proto._poll_fd == -1
+
+    def second() -> bytes:
+        with socket.create_connection(("127.0.0.1", spinning.port), timeout=TIMEOUT_S) as s:
+            return read(s, 4, 8192, 4096)
+
+    assert await asyncio.wait_for(asyncio.to_thread(second), TIMEOUT_S) == spinning.data[8192:12288]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a peer's reset is no internal error
 
 
 def test_spins_that_time_out_back_off_and_a_hit_resets(pairs) -> None:
