@@ -199,8 +199,7 @@ class RawClient:
             data = await self.read(length) if typ == wire.Cmd.READ and reply.error == 0 else b""
             return reply.error, data
         header = head + await self.read(wire.StructuredChunk.HEADER - 4)
-        size = int.from_bytes(header[16:20], "big")
-        kind = int.from_bytes(header[6:8], "big")
+        _magic, _flags, kind, _handle, size = wire.CHUNK.unpack(header)
         body = await self.read(8 if kind == wire.ReplyType.OFFSET_DATA else size)
         chunk, _ = wire.StructuredChunk.decode(header + body)
         assert (chunk.handle, chunk.flags) == (handle, wire.ReplyFlag.DONE), chunk
