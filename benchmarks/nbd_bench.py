@@ -278,7 +278,8 @@ def tcp_setup(serve_args: list[str]) -> str:
     from pvsfarm.streaming.nbd.config import NbdConfig
 
     try:
-        system = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            system = f.read().strip()
     except OSError:
         system = "unknown"
     try:
