@@ -37,7 +37,9 @@ from pvsfarm.streaming.nbd import (  # noqa: E402
     install_uvloop,
     start_nbd_server,
 )
+from pvsfarm.errors import ConfigError  # noqa: E402
 from pvsfarm.streaming.nbd.handoff import WorkerPool  # noqa: E402
+from pvsfarm.streaming.nbd.server import check_tcp_congestion  # noqa: E402
 
 
 class HalfOverlayDevice(FileDevice):
@@ -89,6 +91,10 @@ async def serve(args: argparse.Namespace) -> None:
     config = NbdConfig(flush_bytes=args.flush_kib * 1024, sendfile_min_bytes=args.sendfile_min_kib * 1024,
                        write_high_water_bytes=args.high_water_kib * 1024, busy_poll_us=args.busy_poll_us,
                        send_buffer_bytes=args.send_buffer_kib * 1024, tcp_congestion=args.tcp_congestion)
+    try:
+        check_tcp_congestion(config.tcp_congestion)  # before any worker starts, as the node does
+    except ConfigError as exc:
+        sys.exit(f"nbd_serve: {exc}")
     pool = WorkerPool(args.workers, config) if args.workers > 0 else None
     if pool is not None:
         pool.start()

@@ -324,3 +324,19 @@ async def test_an_unusable_congestion_control_stops_the_server_from_starting() -
     check_tcp_congestion("reno")
     with pytest.raises(ConfigError, match=r"nbd.tcp_congestion: cannot use 'no-such-cc'.*available: .*reno"):
         await start_nbd_server(DictResolver({}), "127.0.0.1", 0, tcp_congestion="no-such-cc")
+
+
+def test_the_benchmark_server_refuses_an_unusable_congestion_control_in_one_line(tmp_path: Path) -> None:
+    """benchmarks/nbd_serve.py checks the name before it starts any worker, and says why in one line."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "img.raw"
+    image.write_bytes(bytes(2**20))
+    serve = Path(__file__).parents[3] / "benchmarks" / "nbd_serve.py"
+    done = subprocess.run([sys.executable, str(serve), str(image), "--port", "0", "--tcp-congestion", "no-such-cc"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr  # one line, no traceback
+    assert done.stderr.startswith("nbd_serve: nbd.tcp_congestion: cannot use 'no-such-cc'"), done.stderr
+    assert "listening" not in done.stdout
