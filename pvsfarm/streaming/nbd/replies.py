@@ -24,6 +24,9 @@ from typing import Callable, Sequence
 from pvsfarm.streaming.nbd.backend import Extent
 
 _ZEROS = memoryview(bytes(1 << 20))
+LONE_READ_MAX_BYTES = 128 * 2**10
+"""Largest READ `ReplyWriter.lone_read_reply` sends from its scratch buffer."""
+_scratch: list[memoryview] = []  # that buffer: one per process, made on first use
 
 
 class ReplyAborted(Exception):
@@ -113,6 +116,40 @@ class ReplyWriter:
         self.add(header)
         for part in parts:
             self.add(part)
+
+    def lone_read_reply(self, header: bytes, extents: Sequence[Extent]) -> bool:
+        """Send a READ's reply at once with one ``os.writev``, when it is all there is to
+        send: nothing batched or blocked here, nothing buffered in the transport, one
+        extent under the sendfile size.  The data is read into a scratch buffer shared by
+        the process, so nothing is allocated per request, and what the socket does not
+        take goes to the transport, copied.  fio 4K QD1, one connection: 20.8k -> 23.5k
+        IOPS against ``read_reply`` + ``flush`` through uvloop's ``writelines`` (10 paired
+        runs, median ratio 1.12), with the same system calls.  False, with nothing done,
+        when those conditions do not hold (use ``read_reply``); OSError before anything
+        is sent if the read fails (the caller answers EIO)."""
+        if len(extents) != 1 or self._parts or self._rest or self._sock_fd < 0:
+            return False
+        ext = extents[0]
+        length = ext.length
+        if length > LONE_READ_MAX_BYTES or length >= self._sendfile_direct_min or \
+                self._transport.get_write_buffer_size():
+            return False
+        if ext.fd < 0:
+            data = zeros(length)
+        else:
+            if not _scratch:
+                _scratch.append(memoryview(bytearray(LONE_READ_MAX_BYTES)))
+            data = _scratch[0][:length]
+            got = os.preadv(ext.fd, [data], ext.file_offset)
+            if got != length:
+                raise OSError(5, f"short read: {got} of {length} bytes")
+        try:
+            sent = os.writev(self._sock_fd, (header, data))
+        except OSError:
+            sent = 0  # socket full, or the connection failed: the transport takes it all (and reports a failure)
+        if sent < len(header) + length:
+            self._transport.write(b"".join((header, data))[sent:])
+        return True
 
     @property
     def busy(self) -> bool:

@@ -149,7 +149,7 @@ class NbdServerProtocol(asyncio.Protocol):
         check): a lone plain READ (queue depth 1) is served at once, without building events."""
         lone = self._session.lone_read(data)
         if lone is not None:
-            self._read(*lone)
+            self._read(*lone, alone=True)
         else:
             self._queue.extend(self._session.receive_data(data))
 
@@ -365,13 +365,15 @@ class NbdServerProtocol(asyncio.Protocol):
             return
         self._writer.add(encode_simple_reply(0, req.handle))
 
-    def _read(self, handle: int, offset: int, length: int) -> None:
+    def _read(self, handle: int, offset: int, length: int, alone: bool = False) -> None:
+        """Answer a READ; ``alone``: nothing else is queued, so the reply may leave at once."""
         assert self._export is not None
         try:
             extents = self._export.device.read_extents(offset, length)
             header = encode_read_chunk(handle, offset, length) if self._session.structured else \
                 encode_simple_reply(0, handle)
-            self._writer.read_reply(header, extents)
+            if not (alone and self._writer.lone_read_reply(header, extents)):
+                self._writer.read_reply(header, extents)
         except ReplyAborted as exc:
             log.warning("nbd %s: %s", self._peer, exc)
             self._abort()
