@@ -7,8 +7,10 @@ is full."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -142,75 +144,68 @@ async def test_a_full_socket_makes_the_writer_busy_until_sendfile_is_done(image)
     client.close()
 
 
-def test_a_lone_read_reply_goes_straight_to_the_socket(image) -> None:
-    fd, data = image
+@contextlib.contextmanager
+def direct_writer(send_buffer_bytes: int = 0) -> Iterator[tuple[ReplyWriter, FakeTransport, socket.socket, socket.socket]]:
+    """A writer that may send straight to its socket (sendfile on: it keeps the raw
+    fd), its transport, its socket and the peer's."""
     server, client = socket.socketpair()
+    if send_buffer_bytes:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
     server.setblocking(False)
     transport = FakeTransport(server)
     writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024)
-    assert writer.lone_read_reply(encode_simple_reply(0, 7), [Extent(fd, 8192, 4096)])
-    assert writer.lone_read_reply(encode_simple_reply(0, 8), [Extent(-1, 0, 512)])  # unallocated: zeros
-    assert transport.calls == 0  # nothing through the transport
-    assert drain(client) == encode_simple_reply(0, 7) + data[8192:12288] + encode_simple_reply(0, 8) + bytes(512)
-    writer.close()
-    server.close()
-    client.close()
+    try:
+        yield writer, transport, server, client
+    finally:
+        writer.close()
+        server.close()
+        client.close()
+
+
+def test_a_lone_read_reply_goes_straight_to_the_socket(image) -> None:
+    fd, data = image
+    with direct_writer() as (writer, transport, _server, client):
+        assert writer.lone_read_reply(encode_simple_reply(0, 7), [Extent(fd, 8192, 4096)])
+        assert writer.lone_read_reply(encode_simple_reply(0, 8), [Extent(-1, 0, 512)])  # unallocated: zeros
+        assert transport.calls == 0  # nothing through the transport
+        assert drain(client) == encode_simple_reply(0, 7) + data[8192:12288] + encode_simple_reply(0, 8) + bytes(512)
 
 
 def test_a_lone_read_reply_is_refused_unless_it_is_all_there_is_to_send(image) -> None:
     fd, _ = image
-    server, client = socket.socketpair()
-    server.setblocking(False)
-    transport = FakeTransport(server)
-    writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024)
     header = encode_simple_reply(0, 1)
-    assert not writer.lone_read_reply(header, [Extent(fd, 0, 4096), Extent(fd, 8192, 4096)])  # two extents
-    assert not writer.lone_read_reply(header, [Extent(fd, 0, 128 * 1024)])  # sendfile's size
-    writer.add(b"batched")
-    assert not writer.lone_read_reply(header, [Extent(fd, 0, 4096)])  # would overtake the batch
-    writer.flush()
-    assert not writer.lone_read_reply(header, [Extent(fd, 0, 4096)])  # would overtake the transport's buffer
-    no_sendfile = ReplyWriter(FakeTransport(server), flush_bytes=256 * 1024, sendfile_min_bytes=0)
-    assert not no_sendfile.lone_read_reply(header, [Extent(fd, 0, 4096)])  # no raw socket without sendfile
-    assert drain(client) == b""
-    assert bytes(transport.written) == b"batched"
-    writer.close()
-    server.close()
-    client.close()
+    with direct_writer() as (writer, transport, server, client):
+        assert not writer.lone_read_reply(header, [Extent(fd, 0, 4096), Extent(fd, 8192, 4096)])  # two extents
+        assert not writer.lone_read_reply(header, [Extent(fd, 0, 128 * 1024)])  # sendfile's size
+        writer.add(b"batched")
+        assert not writer.lone_read_reply(header, [Extent(fd, 0, 4096)])  # would overtake the batch
+        writer.flush()
+        assert not writer.lone_read_reply(header, [Extent(fd, 0, 4096)])  # would overtake the transport's buffer
+        no_sendfile = ReplyWriter(FakeTransport(server), flush_bytes=256 * 1024, sendfile_min_bytes=0)
+        assert not no_sendfile.lone_read_reply(header, [Extent(fd, 0, 4096)])  # no raw socket without sendfile
+        assert drain(client) == b""
+        assert bytes(transport.written) == b"batched"
 
 
 def test_a_lone_read_reply_on_a_full_socket_goes_on_through_the_transport_in_order(image) -> None:
     fd, data = image
-    server, client = socket.socketpair()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-    server.setblocking(False)
-    filler = bytearray()
-    while True:  # fill the socket up to a few bytes short of its limit
-        try:
-            filler += b"f" * server.send(b"f" * 1000)
-        except BlockingIOError:
-            break
-    transport = FakeTransport(server)
-    writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024)
-    assert writer.lone_read_reply(encode_simple_reply(0, 3), [Extent(fd, 4096, 65536)])
-    assert transport.written  # the socket could not take it all
-    on_socket = drain(client)
-    assert on_socket + bytes(transport.written) == bytes(filler) + encode_simple_reply(0, 3) + data[4096:69632]
-    writer.close()
-    server.close()
-    client.close()
+    with direct_writer(send_buffer_bytes=8192) as (writer, transport, server, client):
+        filler = bytearray()
+        while True:  # fill the socket up to a few bytes short of its limit
+            try:
+                filler += b"f" * server.send(b"f" * 1000)
+            except BlockingIOError:
+                break
+        assert writer.lone_read_reply(encode_simple_reply(0, 3), [Extent(fd, 4096, 65536)])
+        assert transport.written  # the socket could not take it all
+        on_socket = drain(client)
+        assert on_socket + bytes(transport.written) == bytes(filler) + encode_simple_reply(0, 3) + data[4096:69632]
 
 
 def test_a_failed_lone_read_sends_nothing(image) -> None:
     fd, _ = image
-    server, client = socket.socketpair()
-    server.setblocking(False)
-    transport = FakeTransport(server)
-    writer = ReplyWriter(transport, flush_bytes=256 * 1024, sendfile_min_bytes=128 * 1024)
-    with pytest.raises(OSError):
-        writer.lone_read_reply(encode_simple_reply(0, 1), [Extent(fd, 4 * 2**20 - 10, 4096)])  # short read past EOF
-    assert drain(client) == b""
-    assert transport.written == b""
-    writer.close()
-    server.close()
-    client.close()
+    with direct_writer() as (writer, transport, _server, client):
+        with pytest.raises(OSError):
+            writer.lone_read_reply(encode_simple_reply(0, 1), [Extent(fd, 4 * 2**20 - 10, 4096)])  # short read past EOF
+        assert drain(client) == b""
+        assert transport.written == b""
