@@ -122,9 +122,10 @@ class ReplyWriter:
         send: nothing batched or blocked here, nothing buffered in the transport, one
         extent under the sendfile size.  The data is read into a scratch buffer shared by
         the process, so nothing is allocated per request, and what the socket does not
-        take goes to the transport, copied.  fio 4K QD1, one connection: 20.8k -> 23.5k
-        IOPS against ``read_reply`` + ``flush`` through uvloop's ``writelines`` (10 paired
-        runs, median ratio 1.12), with the same system calls.  False, with nothing done,
+        take goes to the transport, copied.  fio 4K QD1, one connection, a plain file:
+        18.6k -> 20.5k IOPS against ``read_reply`` + ``flush`` through uvloop's
+        ``writelines`` (10 paired runs, ratios 1.00-1.14), with the same system calls
+        (strace); where the time went in ``writelines`` was not isolated.  False, with nothing done,
         when those conditions do not hold (use ``read_reply``); OSError before anything
         is sent if the read fails (the caller answers EIO)."""
         if len(extents) != 1 or self._parts or self._rest or self._sock_fd < 0:
