@@ -90,7 +90,8 @@ async def serve(args: argparse.Namespace) -> None:
     resolver = DictResolver({args.name: lambda: factory(args.image, read_only)})
     config = NbdConfig(flush_bytes=args.flush_kib * 1024, sendfile_min_bytes=args.sendfile_min_kib * 1024,
                        write_high_water_bytes=args.high_water_kib * 1024, busy_poll_us=args.busy_poll_us,
-                       send_buffer_bytes=args.send_buffer_kib * 1024, tcp_congestion=args.tcp_congestion)
+                       send_buffer_bytes=args.send_buffer_kib * 1024, tcp_congestion=args.tcp_congestion,
+                       notsent_lowat_bytes=args.notsent_lowat_kib * 1024)
     try:
         check_tcp_congestion(config.tcp_congestion)  # before any worker starts, as the node does
     except ConfigError as exc:
@@ -128,6 +129,8 @@ def main() -> None:
     p.add_argument("--high-water-kib", type=int, default=0)
     p.add_argument("--send-buffer-kib", type=int, default=NbdConfig().send_buffer_bytes // 1024,
                    help="SO_SNDBUF of each connection (nbd.send_buffer_bytes; 0: kernel autotuning)")
+    p.add_argument("--notsent-lowat-kib", type=int, default=NbdConfig().notsent_lowat_bytes // 1024,
+                   help="TCP_NOTSENT_LOWAT of each connection (nbd.notsent_lowat_bytes; 0: the system's)")
     p.add_argument("--busy-poll-us", type=int, default=NbdConfig().busy_poll_us,
                    help="how long a worker spins for the next request (nbd.busy_poll_us; 0: never)")
     p.add_argument("--tcp-congestion", default=NbdConfig().tcp_congestion,

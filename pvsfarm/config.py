@@ -98,6 +98,10 @@ class NbdConfig:
     """SO_SNDBUF of each NBD connection (the kernel caps it at net.core.wmem_max); 0 keeps
     the kernel's autotuning. Large reads stalled on a full socket buffer with autotuning
     (qemu-img convert: 0.52-0.64 s per GiB, 0.42-0.45 s with 4 MiB)."""
+    notsent_lowat_bytes: int = _NBD.notsent_lowat_bytes
+    """TCP_NOTSENT_LOWAT of each NBD connection: unsent data allowed to wait in the socket
+    (0 = the system's, unlimited by default). 4 MiB made large sendfile'd replies steady
+    (pvsfarm/streaming/nbd/config.py has the figures)."""
     busy_poll_us: int = _NBD.busy_poll_us
     """How long a worker spins for a client's next request while none of its other
     connections has input, instead of sleeping (0 disables). Queue-depth-1 reads on a VM

@@ -190,7 +190,8 @@ class Node(OfflineMixin, HealthMixin):
         cfg = self.cfg.nbd
         check_tcp_congestion(cfg.tcp_congestion)  # before any worker starts
         server_cfg = NbdServerConfig(max_request_bytes=cfg.max_request_bytes, busy_poll_us=cfg.busy_poll_us,
-                                     send_buffer_bytes=cfg.send_buffer_bytes, tcp_congestion=cfg.tcp_congestion)
+                                     send_buffer_bytes=cfg.send_buffer_bytes, tcp_congestion=cfg.tcp_congestion,
+                                     notsent_lowat_bytes=cfg.notsent_lowat_bytes)
         pool = None
         if cfg.workers > 0:
             pool = WorkerPool(cfg.workers, server_cfg)

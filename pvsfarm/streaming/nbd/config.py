@@ -36,6 +36,15 @@ class NbdConfig:
     net.core.wmem_max); 0 keeps the kernel's autotuning.  qemu-img convert (2 MiB reads,
     8 in flight) took 0.52-0.64 s per GiB with autotuning here and 0.42-0.45 s with
     4 MiB: the reply stalled on a full socket buffer mid-sendfile."""
+    notsent_lowat_bytes: int = 4 * 2**20
+    """TCP_NOTSENT_LOWAT of each connection: at most this much data waits unsent in the
+    socket (the rest of a reply waits in the worker until the client has taken some);
+    0 keeps the system's (net.ipv4.tcp_notsent_lowat, unlimited by default).  Without
+    it, qemu-img convert (2 MiB reads, sendfile) ran 1.9-4.4 GB/s from run to run here,
+    the slow runs with the kernel's ksoftirqd doing the loopback's receive work
+    (14-17 of its ticks against 4-5 per run); with 4 MiB, 3.5-3.7 GB/s, and nbdcopy with 1
+    and 8 connections unchanged (benchmarks/nbd_bench.py, 5 rounds; 256 KiB cost 13 %
+    with 8 connections)."""
     busy_poll_us: int = 50
     """How long a worker process spins for a client's next request while none of its
     other connections has input (busypoll.py); 0 = never spin."""

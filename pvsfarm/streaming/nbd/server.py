@@ -113,6 +113,11 @@ class NbdServerProtocol(asyncio.Protocol):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.send_buffer_bytes)
                 except OSError as exc:  # not fatal: the kernel's autotuning stays
                     log.debug("nbd %s: SO_SNDBUF: %s", self._peer, exc)
+            if cfg.notsent_lowat_bytes:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, cfg.notsent_lowat_bytes)
+                except OSError as exc:  # not fatal: the system's stays
+                    log.debug("nbd %s: TCP_NOTSENT_LOWAT: %s", self._peer, exc)
             if cfg.tcp_congestion:
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cfg.tcp_congestion.encode())

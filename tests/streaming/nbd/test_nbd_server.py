@@ -296,6 +296,15 @@ async def test_send_buffer_is_set_on_each_connection(tmp_path: Path, send_buffer
     assert got == 2 * min(send_buffer_bytes, wmem_max)
 
 
+@pytest.mark.parametrize("lowat", [256 << 10, 0])
+async def test_unsent_data_limit_is_set_on_each_connection(tmp_path: Path, lowat: int) -> None:
+    """nbd config notsent_lowat_bytes: each connection's TCP_NOTSENT_LOWAT (0 keeps the
+    system's: the socket then reads 0, "use net.ipv4.tcp_notsent_lowat")."""
+    async with _server_side_socket(tmp_path, notsent_lowat_bytes=lowat) as sock:
+        got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    assert got == lowat
+
+
 def _system_congestion() -> str:
     return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
 
