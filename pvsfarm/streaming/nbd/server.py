@@ -108,21 +108,16 @@ class NbdServerProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         cfg = self._config
         if sock is not None and self._handed is None:  # a handed connection keeps its options
-            if cfg.send_buffer_bytes:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.send_buffer_bytes)
-                except OSError as exc:  # not fatal: the kernel's autotuning stays
-                    log.debug("nbd %s: SO_SNDBUF: %s", self._peer, exc)
-            if cfg.notsent_lowat_bytes:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, cfg.notsent_lowat_bytes)
-                except OSError as exc:  # not fatal: the system's stays
-                    log.debug("nbd %s: TCP_NOTSENT_LOWAT: %s", self._peer, exc)
-            if cfg.tcp_congestion:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cfg.tcp_congestion.encode())
-                except OSError as exc:  # not fatal: the system's stays (the node checks it at start)
-                    log.debug("nbd %s: TCP_CONGESTION %s: %s", self._peer, cfg.tcp_congestion, exc)
+            for level, option, name, value in (
+                (socket.SOL_SOCKET, socket.SO_SNDBUF, "SO_SNDBUF", cfg.send_buffer_bytes),
+                (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", cfg.notsent_lowat_bytes),
+                (socket.IPPROTO_TCP, socket.TCP_CONGESTION, "TCP_CONGESTION", cfg.tcp_congestion.encode()),
+            ):
+                if value:  # 0 / "": the kernel's own setting stays
+                    try:
+                        sock.setsockopt(level, option, value)
+                    except OSError as exc:  # not fatal: the kernel's stays (the node checks TCP_CONGESTION at start)
+                        log.debug("nbd %s: %s %r: %s", self._peer, name, value, exc)
         self._writer = ReplyWriter(transport, cfg.flush_bytes, cfg.sendfile_min_bytes,
                                    loop=asyncio.get_running_loop(), on_idle=self._writer_idle,
                                    on_abort=self._writer_aborted)
