@@ -103,6 +103,8 @@ class TftpServer:
         """Fault injection (tests): read and drop every request, as a hung server."""
         self.busy_poll_hits = 0
         """Datagrams of finished transfers received by busy polling (see `transfer.py`)."""
+        self.gso_sends = 0
+        """UDP GSO sends (several DATA datagrams each) of finished transfers."""
 
     def listen(self, sock: socket.socket) -> None:
         """Serve requests arriving on ``sock`` (bound, non-blocking, PKTINFO on)."""
@@ -224,6 +226,7 @@ class TftpServer:
         transfer = self._transfers.pop(peer, None)
         if transfer is not None:
             self.busy_poll_hits += transfer.busy_hits
+            self.gso_sends += transfer.gso_sends
 
 
 # Linux values; Python 3.11's socket module lacks IP_PKTINFO (<netinet/in.h>: 8).

@@ -2,9 +2,12 @@
 
 Time is passed in (`now`, seconds on any monotonic scale), the file is read
 through an injected ``read_at(offset, length) -> bytes`` callable (in
-`READ_AHEAD_BYTES` chunks), and the
+`READ_AHEAD_BYTES` chunks, laid out at once as ready DATA datagrams), and the
 caller moves datagrams: `receive` → `datagrams_to_send` → re-arm a timer at
-`next_deadline` → `handle_timer` when it fires.  No sockets, no clock.
+`next_deadline` → `handle_timer` when it fires.  No sockets, no clock.  The
+in-order ACK has a fast path: `next_run`, or `plan` then `commit` to send
+several windows while their ACKs come back (the per-block cost in Python
+is most of lock-step TFTP's).
 
 Rules, in RFC order:
 
@@ -57,6 +60,7 @@ __all__ = [
     "DEFAULT_BLKSIZE",
     "MAX_BLKSIZE",
     "MessageIgnored",
+    "Plan",
     "ReadSession",
     "SessionLimits",
     "TransferAborted",
@@ -64,6 +68,7 @@ __all__ = [
     "TransferEvent",
     "TransferTimedOut",
     "negotiate",
+    "split_run",
 ]
 
 DEFAULT_BLKSIZE = 512
@@ -75,7 +80,7 @@ MAX_BLKSIZE = 65464
 ReadAt = Callable[[int, int], bytes]
 
 READ_AHEAD_BYTES = 64 * 1024
-"""File bytes read at once (or one block, if larger): one ``os.pread`` per
+"""File bytes read at once (or one window, if larger): one ``os.pread`` per
 ~44 blocks of 1468 instead of one per block."""
 
 
@@ -173,6 +178,19 @@ _DATA_HEADER = _ACK_OF = struct.Struct(">HH").pack
 """`wire.data_header` in one C call, ``(_DATA, block)``: the per-block hot path."""
 
 
+Plan = tuple[list[bytes], list[bytes | None], int]
+"""What `ReadSession.plan` answers, ``(runs, acks, start)``: send
+``runs[start]``, then each next run once the ACK in ``acks`` at the previous
+one's index arrives (None: the file's last run, whose ACK `receive` takes).
+A plain tuple: a NamedTuple's construction cost more than a lock-step block."""
+
+
+def split_run(run: bytes, blksize: int) -> list[bytes]:
+    """A run's DATA datagrams (every one ``blksize + 4`` octets but the file's last)."""
+    size = blksize + 4
+    return [run[i : i + size] for i in range(0, len(run), size)]
+
+
 class ReadSession:
     """One RRQ being served.  Create with `ReadSession.start`."""
 
@@ -185,11 +203,17 @@ class ReadSession:
         self.total_blocks = size_bytes // params.blksize + 1  # last block is short (maybe empty)
         self.finished = False
         self._read_at = read_at
-        self._chunk, self._chunk_start = b"", 0  # read-ahead: file bytes from _chunk_start
+        # The read-ahead, laid out as runs (see `plan`): windows from block _plan_first.
+        self._runs: list[bytes] = []
+        self._acks: list[bytes | None] = []  # the ACK of each run's last block (None: the file's last)
+        self._ends: list[int] = []  # each run's last block
+        self._plan_first = 1
+        self._plan_at = 0  # the run the last `plan` started at
+        self._next_run = -1  # the run starting at block _sent + 1, if known (-1: look it up)
         self._oack = serialize(params.oack) if params.oack else None
         self._acked = 0  # absolute number of the last acknowledged block
         self._sent = 0  # absolute number of the last block sent
-        self._fast_ack: bytes | None = None  # the ACK `next_window` handles: of _sent, if not the last
+        self._fast_ack: bytes | None = None  # the ACK `plan` takes: of _sent, if not the last
         self._queue: list[bytes | int] = []  # datagrams, or block numbers read when sent
         self._deadline: float | None = None
         self._retries = 0
@@ -214,35 +238,58 @@ class ReadSession:
 
     # -- input -------------------------------------------------------------
 
-    def next_window(self, datagram: bytes, now: float) -> list[bytes] | None:
-        """The per-block fast path: if ``datagram`` is exactly the ACK of the
-        last block sent (the whole window acknowledged) and blocks remain, the
-        next window's DATA, with the same effect on the session as `receive`
-        then `datagrams_to_send`.  None, with nothing changed, for anything
-        else (the ACK of an OACK, a partial or duplicate ACK, the last ACK,
-        an ACK before the previous datagrams were taken, any other
-        datagram): then call `receive` and `datagrams_to_send`."""
+    def plan(self, datagram: bytes) -> Plan | None:
+        """The fast path: if ``datagram`` is exactly the ACK of the last block
+        sent (the whole window acknowledged) and blocks remain, the windows
+        that follow, ready to send, with the ACK that acknowledges each whole
+        window.  Nothing changes until `commit`.  None, with nothing changed,
+        for anything else (the ACK of an OACK, a partial or duplicate ACK, the
+        last ACK, an ACK before the previous datagrams were taken, any other
+        datagram): then call `receive` and `datagrams_to_send`.
+
+        The caller sends ``runs[start]``, and while the reply is
+        ``acks[start]`` the next run, and so on; then `commit` with how many
+        it sent.  A run is its window's DATA datagrams back to back, each
+        ``blksize + 4`` octets but the file's last (one datagram in
+        lock-step; a UDP GSO send, or `split_run`).  The runs are built once
+        per read-ahead (`READ_AHEAD_BYTES`), so a lock-step block costs the
+        caller a send, a recv and a comparison."""
         if datagram != self._fast_ack or self._queue or self.finished:
             return None
-        sent = self._acked = self._sent
+        start = self._next_run
+        if start < 0:
+            start = self._locate()
+        self._plan_at = start
+        return self._runs, self._acks, start
+
+    def next_run(self, datagram: bytes, now: float) -> bytes | None:
+        """`plan` and ``commit(1, now)`` in one call (the path of a transfer
+        woken once per ACK, as in a boot storm): the next window's run, or
+        None as `plan`."""
+        if datagram != self._fast_ack or self._queue or self.finished:
+            return None
+        start = self._next_run
+        if start < 0:
+            start = self._locate()
+        self._acked = self._sent
+        self._sent = self._ends[start]
+        self._fast_ack = self._acks[start]
         self._retries = 0
         self._deadline = now + self.timeout_s
-        last = sent + self.windowsize
-        if last >= self.total_blocks:
-            last = self.total_blocks
-            self._fast_ack = None  # the last ACK completes the transfer: `receive`
-        else:
-            self._fast_ack = _ACK_OF(_ACK, last & MAX_BLOCK)
-        self._sent = last
-        if last == sent + 1:  # lock-step, and the block inside the read-ahead: `_block` inlined
-            blksize = self.blksize
-            rel = sent * blksize - self._chunk_start
-            chunk = self._chunk
-            if rel >= 0 and rel + blksize <= len(chunk):
-                return [_DATA_HEADER(_DATA, last & MAX_BLOCK) + chunk[rel : rel + blksize]]
-            return [self._block(last)]
-        block = self._block
-        return [block(n) for n in range(sent + 1, last + 1)]
+        self._next_run = start + 1 if start + 1 < len(self._runs) else -1
+        return self._runs[start]
+
+    def commit(self, count: int, now: float) -> None:
+        """Record that the first ``count`` (>= 1) runs of the last `plan` were
+        sent and the ACK of each but the last arrived: the same state as
+        ``count`` rounds of `receive` and `datagrams_to_send`."""
+        last = self._plan_at + count - 1
+        self._acked = self._ends[last - 1] if count > 1 else self._sent
+        self._sent = self._ends[last]
+        self._fast_ack = self._acks[last]
+        self._retries = 0
+        self._deadline = now + self.timeout_s
+        self._next_run = last + 1 if last + 1 < len(self._runs) else -1
 
     def receive(self, datagram: bytes, now: float) -> list[TransferEvent]:
         """Feed one datagram from the client's TID."""
@@ -326,27 +373,57 @@ class ReadSession:
         if last > self.total_blocks:
             last = self.total_blocks
         self._queue.extend(range(first, last + 1))
+        self._next_run = -1
         if last > self._sent:
             self._sent = last
             self._fast_ack = _ACK_OF(_ACK, last & MAX_BLOCK) if last < self.total_blocks else None
 
-    def _block(self, n: int) -> bytes:
-        offset = (n - 1) * self.blksize
-        rel = offset - self._chunk_start
-        chunk = self._chunk
-        if rel < 0 or (rel + self.blksize > len(chunk) and self._chunk_start + len(chunk) < self.size_bytes):
-            chunk, rel = self._read(offset), 0
-        return _DATA_HEADER(_DATA, n & MAX_BLOCK) + chunk[rel : rel + self.blksize]
+    def _locate(self) -> int:
+        """The run that starts at block ``_sent + 1`` (read ahead from there if none does)."""
+        first = self._sent + 1
+        step = first - self._plan_first
+        if step < 0 or step % self.windowsize or step // self.windowsize >= len(self._runs):
+            self._build(first)
+            return 0
+        return step // self.windowsize
 
-    def _read(self, offset: int) -> bytes:
-        """Read ahead from ``offset``: one ``read_at`` per ~44 blocks of 1468
-        (blocks go out in order; a resent window is usually still inside)."""
-        length = min(max(READ_AHEAD_BYTES, self.blksize), self.size_bytes - offset)
-        chunk = self._read_at(offset, length) if length > 0 else b""
-        if len(chunk) != length:
+    def _block(self, n: int) -> bytes:
+        """DATA ``n``, from the runs of the read-ahead (read anew from ``n``
+        when it is not there: a new window, or one resent after long)."""
+        step = n - self._plan_first
+        if step < 0 or step // self.windowsize >= len(self._runs):
+            self._build(n)
+            step = 0
+        run, k = divmod(step, self.windowsize)
+        size = self.blksize + 4
+        return self._runs[run][k * size : (k + 1) * size]
+
+    def _build(self, first: int) -> None:
+        """Read ahead from block ``first`` and lay the windows that start
+        there out as runs: one ``read_at`` per ~44 blocks of 1468, or per
+        window if a window is larger than `READ_AHEAD_BYTES`."""
+        w, blksize, total = self.windowsize, self.blksize, self.total_blocks
+        offset = (first - 1) * blksize
+        windows = max(1, READ_AHEAD_BYTES // (w * blksize))
+        length = min(windows * w * blksize, self.size_bytes - offset)
+        data = self._read_at(offset, length) if length > 0 else b""
+        if len(data) != length:
             raise StoreError(f"short read at offset {offset}: file changed while served")
-        self._chunk, self._chunk_start = chunk, offset
-        return chunk
+        view = memoryview(data)
+        runs, acks, ends = [], [], []
+        block = first
+        while block <= total and len(runs) < windows:
+            last = min(block + w - 1, total)
+            pieces: list[bytes | memoryview] = []
+            for n in range(block, last + 1):
+                rel = (n - first) * blksize
+                pieces += (_DATA_HEADER(_DATA, n & MAX_BLOCK), view[rel : rel + blksize])
+            runs.append(b"".join(pieces))
+            acks.append(_ACK_OF(_ACK, last & MAX_BLOCK) if last < total else None)
+            ends.append(last)
+            block = last + 1
+        self._runs, self._acks, self._ends, self._plan_first = runs, acks, ends, first
+        self._next_run = -1
 
     def _fail(self, code: ErrorCode, message: str) -> TransferAborted:
         self.finished = True

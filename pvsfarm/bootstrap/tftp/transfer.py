@@ -1,9 +1,12 @@
 """The asyncio side of one read transfer: a socket, a `ReadSession`, a timer.
 
-Raw ``recv``/``send`` on a connected non-blocking socket from an
+Raw ``os.read``/``os.write`` on a connected non-blocking socket from an
 ``add_reader`` callback rather than a DatagramTransport: lock-step TFTP
 throughput is the per-block cost, and this skips the transport layer (and
-works the same on uvloop, whose transports have their own overheads).
+works the same on uvloop, whose transports have their own overheads).  The
+``os`` calls skip the argument tuple of a socket method call, and a small
+read size keeps the ACK in CPython's small-object allocator (`RECV_BYTES`).
+A window (RFC 7440) goes out as one UDP GSO send (`Transfer._send_run`).
 
 Lock-step throughput is one round trip per block, and on the 2-vCPU bench
 VM the costliest part of it is not Python but waking a process that sleeps
@@ -26,16 +29,20 @@ ACKs as come in, without a trip through the poller per block:
 Bounded: only while at most ``busy_poll_transfers`` transfers run (a storm
 never polls), at most `BUSY_SLICE_S` per callback so the node's event loop
 (DHCP, NBD, HTTP) runs between slices, and a spin that times out (a slow or
-distant client) backs off exponentially (`pvsfarm.backoff`).  The per-block
-session work is `ReadSession.next_window`.
+distant client) backs off exponentially (`pvsfarm.backoff`).  While ACKs
+come back in order, the session's work is one `ReadSession.plan` per
+read-ahead and a `commit` when the run of windows ends; per block the loop
+does a write, a read and a comparison.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -48,6 +55,7 @@ from pvsfarm.bootstrap.tftp.session import (
     TransferComplete,
     TransferEvent,
     TransferTimedOut,
+    split_run,
 )
 from pvsfarm.bootstrap.tftp.wire import Error, ErrorCode, serialize
 
@@ -60,6 +68,21 @@ Address = tuple[str, int]
 BUSY_SLICE_S = 0.002
 """Longest run of busy-polled blocks in one callback before the event loop
 gets a turn (~250 lock-step blocks on loopback; uvloop's clock ticks in ms)."""
+RECV_BYTES = 476
+"""Read size for the transfer's socket, which only ever gets ACKs (4 octets)
+and ERRORs (tftpd-hpa reads them into 516).  Small enough for CPython's
+small-object allocator: a 64 KiB read cost a malloc, a heap consolidation and
+a shrink per ACK (perf, lock-step on one CPU).  A longer ERROR arrives
+truncated and is ignored as malformed; the transfer then ends by timeout."""
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+"""linux/udp.h (Linux 4.18+); Python 3.11's socket module does not name it."""
+GSO_MAX_SEGMENTS = 64
+"""Datagrams per GSO send (the kernel's UDP_MAX_SEGMENTS: 64 before 6.x, 128 since)."""
+GSO_MAX_BYTES = 65507
+"""The largest UDP payload over IPv4, which a GSO send may not exceed either."""
+GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.EOPNOTSUPP})
+"""What the kernel answers a GSO send it cannot make (udp_send_skb)."""
 SPIN_AFTER_MISSES = 8
 """ACKs in a row found neither at once nor after a yield before spinning."""
 
@@ -73,6 +96,7 @@ class Transfer:
         self.session, self.source, self.peer, self.name = session, source, peer, name
         self.on_done = on_done
         self.sock = sock
+        self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
@@ -82,10 +106,17 @@ class Transfer:
         """Datagrams received by busy polling (a test and tuning signal)."""
         self.busy_misses = 0
         """Busy polls that timed out."""
+        self.gso_sends = 0
+        """Sends of several DATA datagrams cut by the kernel (UDP GSO)."""
         self._backoff = SpinBackoff()  # ACKs to await in the event loop before polling again
         self._misses = 0  # ACKs in a row not there right after the send (see _spinning)
+        self._gso_bytes = 0  # longest UDP GSO send (a whole number of DATA datagrams); 0: off
+        self._gso_cmsg: list[tuple[int, int, bytes]] = []
+        self._lone = session.windowsize == 1  # every run is one datagram: os.write it
 
     def start(self) -> None:
+        if self.session.windowsize > 1:
+            self._use_gso()
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         self._on_timer()  # sends the first datagram(s) and arms the timer
 
@@ -95,39 +126,117 @@ class Transfer:
         data = self._recv()
         if data is None:
             return
-        session, loop_time, sock = self.session, self.loop.time, self.sock
-        send, recv = sock.send, sock.recv
-        busy_poll = self._busy_poll_now()  # decided once per wake-up
+        if self._busy_poll_now():  # decided once per wake-up
+            self._serve_polling(data)
+            return
+        try:  # a storm: one window per wake-up, in one call into the session
+            run = self.session.next_run(data, self.loop.time())
+        except Exception as exc:  # I/O error on the file, or a bug: end this transfer only
+            self._crash(exc)
+            return
+        if run is None:
+            self._receive(data)
+            return
+        try:
+            if self._lone:
+                os.write(self.fd, run)
+            else:
+                self._send_run(run)
+        except OSError as exc:
+            self._send_failed(exc)
+
+    def _serve_polling(self, data: bytes) -> None:
+        """Serve ``data`` and what follows it within one busy-poll slice: each
+        next window as soon as the previous one's ACK is read."""
+        session, loop_time = self.session, self.loop.time
+        read, write, fd, lone = os.read, os.write, self.fd, self._lone
         slice_end = loop_time() + BUSY_SLICE_S
         while not self.done:
-            now = loop_time()
             try:
-                datagrams = session.next_window(data, now)
+                plan = session.plan(data)
             except Exception as exc:  # I/O error on the file, or a bug: end this transfer only
                 self._crash(exc)
                 return
-            if datagrams is None:
-                if not self._receive(data):
+            if plan is None:
+                if not self._receive(data) or loop_time() >= slice_end or self.done:
                     return
-            else:  # the next window: its deadline is later, so the armed timer stays
-                try:
-                    for datagram in datagrams:
-                        send(datagram)
-                except OSError as exc:
-                    self._send_failed(exc)
-            if not busy_poll or now >= slice_end or self.done:
-                return
-            try:  # a client sharing this CPU, woken by send(), has usually answered already
-                data = recv(65536)
-            except (BlockingIOError, InterruptedError):
-                data = self._poll()
+                data = self._next_datagram()
                 if data is None:
                     return
-            except OSError as exc:
-                self._abandon(exc)
+                continue
+            runs, acks, start = plan
+            sent = 0
+            for i in range(start, len(runs)):
+                try:
+                    if lone:
+                        write(fd, runs[i])
+                    else:
+                        self._send_run(runs[i])
+                except OSError as exc:
+                    self._send_failed(exc)
+                sent += 1
+                if not sent & 15 and loop_time() >= slice_end:
+                    data = None
+                    break
+                try:  # a client sharing this CPU, woken by the send, has usually answered already
+                    data = read(fd, RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    data = self._poll()
+                except OSError as exc:
+                    data = self._abandon(exc)
+                else:
+                    self._misses = 0
+                if data != acks[i]:  # anything else (None: nothing came) ends the plan
+                    break
+            session.commit(sent, loop_time())
+            if data is None:  # the slice is over, or nothing came within the poll
                 return
-            else:
-                self._misses = 0
+            # else: the next plan, or the general path for what came instead
+
+    def _next_datagram(self) -> bytes | None:
+        """The next datagram, at once or within the busy poll; None: back to
+        the event loop, which wakes this transfer when one arrives."""
+        try:  # a client sharing this CPU, woken by send(), has usually answered already
+            data = os.read(self.fd, RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return self._poll()
+        except OSError as exc:
+            return self._abandon(exc)
+        self._misses = 0
+        return data
+
+    def _send_run(self, run: bytes) -> None:
+        """A run of DATA datagrams (`ReadSession.plan`): one UDP GSO send
+        (``UDP_SEGMENT``) per `_gso_bytes`, so a window costs one system call
+        instead of one per block; else one send per datagram.  Per send, not
+        as a socket option, which would subject single datagrams (the OACK, a
+        lone resent block) to the kernel's GSO checks too."""
+        step = self._gso_bytes
+        if step and len(run) > self.session.blksize + 4:
+            try:
+                for offset in range(0, len(run), step):
+                    self.sock.sendmsg([run[offset : offset + step] if len(run) > step else run], self._gso_cmsg)
+                    self.gso_sends += 1
+                return
+            except OSError as exc:
+                if exc.errno not in GSO_REFUSED:
+                    raise
+                # the route's device cannot segment (no checksum offload, IPsec): no GSO
+                log.info("tftp: %r to %s: UDP GSO refused (%s); one send per block", self.name, self.peer, exc)
+                self._gso_bytes = 0
+        for datagram in split_run(run, self.session.blksize):
+            os.write(self.fd, datagram)
+
+    def _use_gso(self) -> None:
+        """Cut windows by UDP GSO: whole datagrams, at most `GSO_MAX_SEGMENTS`
+        and `GSO_MAX_BYTES` per send.  Only a device with checksum offload can
+        (loopback, veth, most NICs); `_send_run` turns it off for the transfer
+        when the kernel refuses."""
+        size = self.session.blksize + 4
+        count = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+        if count > 1:
+            self._gso_bytes = size * count
+            self._gso_cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
 
     def _spinning(self) -> bool:
         """Whether to spin for an ACK that was not there right after the send,
@@ -155,7 +264,7 @@ class Transfer:
 
     def _recv(self) -> bytes | None:
         try:
-            return self.sock.recv(65536)
+            return os.read(self.fd, RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -182,12 +291,12 @@ class Transfer:
     def _poll(self) -> bytes | None:
         """The next datagram if it arrives within ``busy_poll_s``; None (back to
         the event loop, which wakes this transfer when it does) otherwise."""
-        recv, monotonic, sched_yield = self.sock.recv, time.monotonic, os.sched_yield
+        read, fd, monotonic, sched_yield = os.read, self.fd, time.monotonic, os.sched_yield
         until = 0.0
         while True:
             sched_yield()  # a client woken on this CPU by our send gets to answer
             try:
-                data = recv(65536)
+                data = read(fd, RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 if not until:  # the client is not on this CPU
                     if not self._spinning():
@@ -255,9 +364,10 @@ class Transfer:
     def _log_one(self, event: TransferEvent) -> None:
         if isinstance(event, TransferComplete):
             log.info(
-                "tftp: sent %r to %s (%d bytes, blksize %d, window %d, %d retransmissions, busy polls %d/%d)",
+                "tftp: sent %r to %s (%d bytes, blksize %d, window %d, %d retransmissions, busy polls %d/%d, "
+                "GSO sends %d)",
                 self.name, self.peer, event.size_bytes, self.session.blksize, self.session.windowsize,
-                self.session.retransmissions, self.busy_hits, self.busy_hits + self.busy_misses,
+                self.session.retransmissions, self.busy_hits, self.busy_hits + self.busy_misses, self.gso_sends,
             )
         elif isinstance(event, TransferTimedOut):
             log.warning("tftp: %r to %s timed out after %d retries", self.name, self.peer, event.retries)

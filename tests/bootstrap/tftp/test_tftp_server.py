@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -127,6 +129,42 @@ async def test_atftp_windowsize_fetches_identical(
     rc = await run("atftp", *opts, "-g", "-r", name, "-l", str(out), "127.0.0.1", str(server.port))
     assert rc == 0
     assert out.read_bytes() == (content if content is not None else (root / name).read_bytes())
+
+
+@needs_atftp
+async def test_windows_go_out_as_gso_sends(server: TftpServer, root: Path, tmp_path: Path) -> None:
+    """A window of 8 is one send that the kernel cuts into 8 datagrams (UDP GSO)."""
+    out = tmp_path / "out"
+    opts = ["--option", "blksize 1468", "--option", "windowsize 8"]
+    assert await run("atftp", *opts, "-g", "-r", "f1m.bin", "-l", str(out), "127.0.0.1", str(server.port)) == 0
+    assert out.read_bytes() == (root / "f1m.bin").read_bytes()
+    windows = (1 << 20) // (8 * 1468) + 1
+    assert windows - 1 <= server.gso_sends <= windows + 3  # one per window but the first (+ resends)
+
+
+@needs_atftp
+async def test_gso_refused_by_the_kernel_falls_back_to_a_send_per_block(
+    server: TftpServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A socket without UDP checksums cannot segment (the kernel answers EINVAL,
+    as it answers EIO for a device without checksum offload): the transfer
+    logs it once, sends block by block, and the file arrives whole."""
+    from pvsfarm.bootstrap.tftp import transfer
+
+    start = transfer.Transfer.start
+
+    def start_without_checksums(self: transfer.Transfer) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_NO_CHECK", 11), 1)
+        start(self)
+
+    monkeypatch.setattr(transfer.Transfer, "start", start_without_checksums)
+    caplog.set_level(logging.INFO, logger="pvsfarm.bootstrap.tftp.server")
+    out = tmp_path / "out"
+    opts = ["--option", "blksize 1468", "--option", "windowsize 8"]
+    assert await run("atftp", *opts, "-g", "-r", "f1m.bin", "-l", str(out), "127.0.0.1", str(server.port)) == 0
+    assert out.read_bytes() == (root / "f1m.bin").read_bytes()
+    assert server.gso_sends == 0
+    assert len([r for r in caplog.records if "UDP GSO refused" in r.getMessage()]) == 1
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pvsfarm.bootstrap.tftp.session import (
     TransferComplete,
     TransferTimedOut,
     negotiate,
+    split_run,
 )
 from pvsfarm.bootstrap.tftp.wire import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, parse, serialize
 from pvsfarm.errors import StoreError
@@ -245,11 +246,11 @@ def test_file_shrinking_under_us_raises_at_send() -> None:
 
 
 def _step(s: ReadSession, datagram: bytes, now: float, fast: bool) -> list[bytes]:
-    """Feed one datagram the way the server does (``fast``: `next_window` first)."""
+    """Feed one datagram the way the server does (``fast``: `next_run` first)."""
     if fast:
-        window = s.next_window(datagram, now)
-        if window is not None:
-            return window
+        run = s.next_run(datagram, now)
+        if run is not None:
+            return split_run(run, s.blksize)
     s.receive(datagram, now)
     return s.datagrams_to_send(now)
 
@@ -262,7 +263,7 @@ def _step(s: ReadSession, datagram: bytes, now: float, fast: bool) -> list[bytes
     loss=st.floats(0, 0.3),
     seed=st.integers(0, 2**32),
 )
-def test_next_window_is_receive_then_datagrams_to_send(
+def test_next_run_is_receive_then_datagrams_to_send(
     size: int, blksize: int, window: int, loss: float, seed: int
 ) -> None:
     """Two sessions fed the same datagrams and clock, one through the fast path:
@@ -303,23 +304,74 @@ def test_next_window_is_receive_then_datagrams_to_send(
     assert bytes(got) == content
 
 
-def test_next_window_declines_without_changing_anything() -> None:
+def test_plan_declines_without_changing_anything() -> None:
     content = os.urandom(4500)
     s = start(content, ("blksize", "1000"), ("windowsize", "2"))
     out(s)
-    assert s.next_window(ack(0), 0) is None  # the OACK's ACK: general path
+    assert s.plan(ack(0)) is None  # the OACK's ACK: general path
     s.receive(ack(0), 0)
-    assert s.next_window(ack(2), 0) is None  # DATA 1-2 not taken out yet
+    assert s.plan(ack(2)) is None  # DATA 1-2 not taken out yet
     assert [m.block for m in out(s)] == [1, 2]
     for other in (ack(1), ack(3), ack(0), ack(2) + b"x", b"\x00\x04\x00", serialize(Error(0, "x"))):
-        assert s.next_window(other, 0) is None  # partial, never sent, duplicate, odd length, ERROR
+        assert s.plan(other) is None  # partial, never sent, duplicate, odd length, ERROR
     assert out(s) == [] and not s.finished
-    assert [parse(d).block for d in s.next_window(ack(2), 1.0)] == [3, 4]  # type: ignore[union-attr, attr-defined]
+    plan = s.plan(ack(2))
+    assert plan is not None and s.plan(ack(2)) == plan  # nothing changes until commit
+    runs, acks, first = plan
+    windows = [[parse(d) for d in split_run(run, 1000)] for run in runs[first:]]
+    assert [[m.block for m in window] for window in windows] == [[3, 4], [5]]  # type: ignore[union-attr]
+    assert windows[1] == [Data(5, content[4000:])]
+    assert acks[first:] == [ack(4), None]  # the last ACK completes: `receive` reports it
+    s.commit(2, 1.0)  # both windows sent, ACK 4 came between
     assert s.next_deadline() == 2.0
-    assert s.next_window(ack(4), 1.0) == [serialize(Data(5, content[4000:]))]
-    assert s.next_window(ack(5), 1.0) is None  # the last ACK completes: `receive` reports it
+    assert s.plan(ack(5)) is None
     assert s.receive(ack(5), 1.0) == [TransferComplete(5, 4500)]
-    assert s.next_window(ack(5), 1.0) is None
+    assert s.plan(ack(5)) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(0, 300_000),
+    blksize=st.sampled_from([8, 512, 1468, 9000, 65464]),
+    window=st.integers(1, 70),
+    seed=st.integers(0, 2**32),
+)
+def test_committing_several_runs_is_stepping_through_their_acks(size: int, blksize: int, window: int, seed: int) -> None:
+    """A server sends plan runs while the expected ACKs come back, then commits
+    how many it sent (the busy-poll loop); another session is fed the same
+    ACKs one at a time.  The same datagrams and deadlines; the receiver gets
+    the file; every datagram but the file's last is ``blksize + 4`` octets."""
+    rng = random.Random(seed)
+    content = rng.randbytes(size)
+    opts = (("blksize", str(blksize)), ("windowsize", str(window)))
+    fast, general = start(content, *opts), start(content, *opts)
+    assert fast.datagrams_to_send(0) == general.datagrams_to_send(0)  # the OACK
+    window_datagrams = _step(fast, ack(0), 0, fast=False)
+    assert _step(general, ack(0), 0, fast=False) == window_datagrams
+    got, now = bytearray(), 0.0
+    while True:
+        messages = [parse(d) for d in window_datagrams]
+        got += b"".join(m.payload for m in messages)  # type: ignore[union-attr]
+        reply = ack(messages[-1].block)  # type: ignore[union-attr]
+        plan = fast.plan(reply)
+        if plan is None:  # the file's last window: its ACK completes the transfer
+            assert fast.receive(reply, now) == general.receive(reply, now) == [TransferComplete(fast.total_blocks, size)]
+            break
+        runs, acks, first = plan
+        count = rng.randint(1, len(runs) - first)
+        now += 0.5
+        for i in range(first, first + count):
+            if i > first:  # the client got run i - 1 and ACKs it
+                messages = [parse(d) for d in window_datagrams]
+                got += b"".join(m.payload for m in messages)  # type: ignore[union-attr]
+                reply = ack(messages[-1].block)  # type: ignore[union-attr]
+                assert acks[i - 1] == reply
+            window_datagrams = split_run(runs[i], blksize)
+            assert all(len(d) == blksize + 4 for d in window_datagrams[:-1])
+            assert _step(general, reply, now, fast=False) == window_datagrams
+        fast.commit(count, now)
+        assert fast.next_deadline() == general.next_deadline()
+    assert bytes(got) == content and fast.finished and general.finished
 
 
 def test_file_is_read_ahead_in_chunks() -> None:
@@ -333,10 +385,10 @@ def test_file_is_read_ahead_in_chunks() -> None:
     s = ReadSession.start(ReadRequest("f", options=(("blksize", "1468"),)), len(content), read_at, LIMITS)
     got = bytearray()
     s.datagrams_to_send(0)
-    datagrams = s.next_window(ack(0), 0) or (s.receive(ack(0), 0), s.datagrams_to_send(0))[1]
+    datagrams = _step(s, ack(0), 0, fast=True)
     while not s.finished:
         [m] = [parse(d) for d in datagrams]
         got += m.payload  # type: ignore[union-attr]
-        datagrams = s.next_window(ack(m.block), 0) or (s.receive(ack(m.block), 0), s.datagrams_to_send(0))[1]  # type: ignore[union-attr]
+        datagrams = _step(s, ack(m.block), 0, fast=True)  # type: ignore[union-attr]
     assert bytes(got) == content
     assert len(reads) == 4 and all(length <= 65536 for _, length in reads)  # not one read per block
