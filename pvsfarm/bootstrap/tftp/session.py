@@ -19,7 +19,8 @@ Rules, in RFC order:
   smaller value; tftpd-hpa clamps the same way).
 * RFC 2349 timeout 1..255 s (else declined) and tsize (answered with the real
   size on a read request).
-* RFC 7440 windowsize 1..65535 (else declined), clamped to ``max_windowsize``.
+* RFC 7440 windowsize 1..65535 (else declined), clamped to ``max_windowsize``
+  and to ``max_window_bytes`` of blocks.
   The sender keeps a window of unacknowledged blocks; an ACK inside it slides
   the window to just after the acknowledged block and sends what is new.
 * RFC 1350 sorcerer's apprentice: a duplicate ACK (the block already
@@ -98,6 +99,11 @@ class SessionLimits:
     max_windowsize: int = 64
     """Ceiling of the windowsize option, in blocks (RFC 7440 allows 65535; a
     cap bounds one burst to 64 x blksize, ~94 KiB at 1468)."""
+    max_window_bytes: int = 256 * 1024
+    """Ceiling of windowsize x blksize: a transfer holds its read-ahead of at
+    least one window, so 64 blocks of 65464 would be 4 MiB per transfer (2 GiB
+    at 500 transfers).  A smaller window is answered in the OACK (RFC 7440
+    lets the server lower it); 1468-octet blocks keep the full 64."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +175,9 @@ def negotiate(options: Options, size_bytes: int, limits: SessionLimits) -> Negot
             accepted.append((name, raw))
         elif name == "tsize":
             accepted.append((name, str(size_bytes)))
+    if windowsize * blksize > limits.max_window_bytes:
+        windowsize = max(1, limits.max_window_bytes // blksize)
+        accepted = [(n, str(windowsize) if n == "windowsize" else v) for n, v in accepted]
     return Negotiated(blksize, windowsize, timeout_s, OptionAck(tuple(accepted)) if accepted else None)
 
 

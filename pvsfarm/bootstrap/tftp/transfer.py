@@ -73,7 +73,7 @@ RECV_BYTES = 476
 and ERRORs (tftpd-hpa reads them into 516).  Small enough for CPython's
 small-object allocator: a 64 KiB read cost a malloc, a heap consolidation and
 a shrink per ACK (perf, lock-step on one CPU).  A longer ERROR arrives
-truncated and is ignored as malformed; the transfer then ends by timeout."""
+truncated, and still ends the transfer (`wire` accepts an ERROR without its NUL)."""
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 """linux/udp.h (Linux 4.18+); Python 3.11's socket module does not name it."""

@@ -429,6 +429,21 @@ async def test_curl_with_busy_polling_disabled(root: Path, tmp_path: Path) -> No
         srv.close()
 
 
+async def test_a_long_client_error_ends_the_transfer_at_once(server: TftpServer, peer: Peer) -> None:
+    """An ERROR longer than the server's read size is cut, and still honoured:
+    the slot is freed now, not after the retransmission timeouts."""
+    peer.send(ReadRequest("f1m.bin"), server.port)
+    msg, port = await peer.recv()
+    assert isinstance(msg, Data) and server.active_transfers == 1
+    peer.send(serialize(Error(ErrorCode.DISK_FULL, "no space left on the target " * 40)), port)
+    for _ in range(50):
+        if server.active_transfers == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.active_transfers == 0
+    assert await peer.silent(0.5)  # nothing resent
+
+
 async def test_close_during_a_transfer(server: TftpServer, peer: Peer) -> None:
     peer.send(ReadRequest("f1m.bin"), server.port)
     msg, port = await peer.recv()

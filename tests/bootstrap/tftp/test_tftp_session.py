@@ -96,6 +96,12 @@ def test_timeout_and_windowsize_bounds() -> None:
     assert n.timeout_s == 3.0 and n.windowsize == 8
     assert n.oack == OptionAck((("timeout", "3"), ("windowsize", "8")))
     assert negotiate((("windowsize", "65535"),), 1, LIMITS).windowsize == LIMITS.max_windowsize
+    # a window of large blocks is lowered to max_window_bytes, whatever the options' order
+    for opts in ((("windowsize", "64"), ("blksize", "65464")), (("blksize", "65464"), ("windowsize", "64"))):
+        n = negotiate(opts, 1, LIMITS)
+        assert n.blksize == 65464 and n.windowsize == 4 == LIMITS.max_window_bytes // 65464
+        assert n.oack is not None and ("windowsize", "4") in n.oack.options
+    assert negotiate((("windowsize", "64"), ("blksize", "1468")), 1, LIMITS).windowsize == 64
     # duplicates: first one wins
     assert negotiate((("blksize", "1024"), ("blksize", "2048")), 1, LIMITS).blksize == 1024
 
@@ -204,6 +210,20 @@ def test_client_error_aborts_and_unexpected_opcode_is_error_4() -> None:
     [event] = s.receive(serialize(Data(1, b"x")), 0)
     assert isinstance(event, TransferAborted) and event.code == ErrorCode.ILLEGAL_OPERATION
     assert out(s)[0].code == ErrorCode.ILLEGAL_OPERATION
+
+
+def test_an_error_cut_short_still_aborts() -> None:
+    """The server reads at most 476 octets (`transfer.RECV_BYTES`): a longer
+    ERROR arrives without its NUL, and still ends the transfer (the codec
+    takes an ERROR without its NUL)."""
+    s = start(b"abc")
+    out(s)
+    cut = serialize(Error(ErrorCode.DISK_FULL, "full " * 200))[:476]
+    assert s.receive(cut, 0) == [TransferAborted(ErrorCode.DISK_FULL, ("full " * 200)[:472], sent=False)]
+    assert s.finished and out(s) == []
+    s = start(b"abc")
+    out(s)
+    assert isinstance(s.receive(b"\x00\x05\x00", 0)[0], MessageIgnored) and not s.finished  # no code: junk
 
 
 def test_garbage_is_ignored() -> None:
