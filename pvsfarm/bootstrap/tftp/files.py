@@ -36,6 +36,12 @@ class FileSource:
     read_at: Callable[[int, int], bytes]
     """``read_at(offset, length)`` → exactly ``length`` bytes (fewer at EOF)."""
     fd: int | None = field(default=None)
+    key: tuple[int, ...] | None = field(default=None)
+    """This version of a file under the root, ``(st_dev, st_ino, st_size,
+    st_mtime_ns, st_ctime_ns)`` at open: what transfers may share DATA by
+    (None: content made per request, never shared).  A replaced file has a
+    new inode; one rewritten in place a new mtime and ctime (ctime even when
+    ``touch -d`` puts the mtime back)."""
 
     def close(self) -> None:
         if self.fd is not None:
@@ -83,11 +89,15 @@ def open_in_root(root: Path, name: str) -> FileSource:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise RemoteProtocolError(f"{name!r} is not a regular file", code=ErrorCode.FILE_NOT_FOUND)
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         if info.st_size > SMALL_FILE_BYTES:
-            return FileSource(info.st_size, _pread(fd), fd)
+            return FileSource(info.st_size, _pread(fd), fd, key)
         content = os.pread(fd, info.st_size, 0)
     except BaseException:
         os.close(fd)
         raise
     os.close(fd)
-    return source_from_bytes(content)
+    source = source_from_bytes(content)
+    if len(content) == info.st_size:  # else it changed under us: never share this read
+        source.key = key
+    return source

@@ -38,7 +38,8 @@ Rules, in RFC order:
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from pvsfarm.bootstrap.tftp.wire import (
@@ -63,6 +64,7 @@ __all__ = [
     "MessageIgnored",
     "Plan",
     "ReadSession",
+    "RunCache",
     "SessionLimits",
     "TransferAborted",
     "TransferComplete",
@@ -200,10 +202,57 @@ def split_run(run: bytes, blksize: int) -> list[bytes]:
     return [run[i : i + size] for i in range(0, len(run), size)]
 
 
+Runs = tuple[list[bytes], list[bytes | None], list[int]]
+"""Windows laid out from one block on: the runs, each one's ACK, each one's last block."""
+
+
+class RunCache:
+    """DATA runs laid out by transfers, for the next transfers of the same
+    file version, blksize and windowsize (a boot storm fetches one loader
+    hundreds of times): a hit costs a dict lookup instead of a read and the
+    layout of ~44 datagrams (~10 us).  Least recently used entries go first
+    beyond ``max_bytes``; the runs are immutable ``bytes``, shared, never
+    copied.  Pure: no I/O, no clock."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Hashable, tuple[Runs, int]] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """Octets of DATA held."""
+        return self._bytes
+
+    def get(self, key: Hashable) -> Runs | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: Hashable, runs: Runs, size_bytes: int) -> None:
+        if size_bytes > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._entries[key] = (runs, size_bytes)
+        self._bytes += size_bytes
+        while self._bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self._bytes -= evicted
+
+
 class ReadSession:
     """One RRQ being served.  Create with `ReadSession.start`."""
 
-    def __init__(self, size_bytes: int, read_at: ReadAt, params: Negotiated, limits: SessionLimits) -> None:
+    def __init__(self, size_bytes: int, read_at: ReadAt, params: Negotiated, limits: SessionLimits,
+                 cache: RunCache | None = None, file_key: Hashable | None = None) -> None:
         self.size_bytes = size_bytes
         self.blksize = params.blksize
         self.windowsize = params.windowsize
@@ -212,6 +261,7 @@ class ReadSession:
         self.total_blocks = size_bytes // params.blksize + 1  # last block is short (maybe empty)
         self.finished = False
         self._read_at = read_at
+        self._cache, self._file_key = cache, file_key  # runs shared with other transfers of this file
         # The read-ahead, laid out as runs (see `plan`): windows from block _plan_first.
         self._runs: list[bytes] = []
         self._acks: list[bytes | None] = []  # the ACK of each run's last block (None: the file's last)
@@ -234,16 +284,20 @@ class ReadSession:
             self._queue_window(1)
 
     @classmethod
-    def start(cls, request: ReadRequest, size_bytes: int, read_at: ReadAt, limits: SessionLimits) -> ReadSession:
+    def start(cls, request: ReadRequest, size_bytes: int, read_at: ReadAt, limits: SessionLimits,
+              cache: RunCache | None = None, file_key: Hashable | None = None) -> ReadSession:
         """Negotiate ``request``'s options.  A refused negotiation gives a
-        finished session whose only datagram is ERROR 8."""
+        finished session whose only datagram is ERROR 8.  ``file_key``
+        names this version of the file (it must change whenever its content
+        can have: device, inode, size and mtime); with a ``cache``, the DATA
+        laid out for it is shared with every transfer of the same key."""
         try:
             params = negotiate(request.options, size_bytes, limits)
         except MalformedMessage as exc:
             session = cls(size_bytes, read_at, Negotiated(DEFAULT_BLKSIZE, 1, limits.timeout_s, None), limits)
             session._fail(ErrorCode.OPTION_NEGOTIATION, str(exc))
             return session
-        return cls(size_bytes, read_at, params, limits)
+        return cls(size_bytes, read_at, params, limits, cache, file_key)
 
     # -- input -------------------------------------------------------------
 
@@ -408,31 +462,45 @@ class ReadSession:
         return self._runs[run][k * size : (k + 1) * size]
 
     def _build(self, first: int) -> None:
-        """Read ahead from block ``first`` and lay the windows that start
-        there out as runs: one ``read_at`` per ~44 blocks of 1468, or per
-        window if a window is larger than `READ_AHEAD_BYTES`."""
+        """Lay the windows that start at block ``first`` out as runs: from
+        the shared `RunCache` when another transfer of this file version
+        already did, else read ahead (one ``read_at`` per ~44 blocks of 1468,
+        or per window if a window is larger than `READ_AHEAD_BYTES`)."""
         w, blksize, total = self.windowsize, self.blksize, self.total_blocks
+        key = None
+        if self._cache is not None and self._file_key is not None:
+            key = (self._file_key, blksize, w, first)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._runs, self._acks, self._ends = cached
+                self._plan_first, self._next_run = first, -1
+                return
         offset = (first - 1) * blksize
         windows = max(1, READ_AHEAD_BYTES // (w * blksize))
         length = min(windows * w * blksize, self.size_bytes - offset)
         data = self._read_at(offset, length) if length > 0 else b""
         if len(data) != length:
             raise StoreError(f"short read at offset {offset}: file changed while served")
-        view = memoryview(data)
-        runs, acks, ends = [], [], []
-        block = first
-        while block <= total and len(runs) < windows:
-            last = min(block + w - 1, total)
-            pieces: list[bytes | memoryview] = []
-            for n in range(block, last + 1):
-                rel = (n - first) * blksize
-                pieces += (_DATA_HEADER(_DATA, n & MAX_BLOCK), view[rel : rel + blksize])
-            runs.append(b"".join(pieces))
-            acks.append(_ACK_OF(_ACK, last & MAX_BLOCK) if last < total else None)
-            ends.append(last)
-            block = last + 1
-        self._runs, self._acks, self._ends, self._plan_first = runs, acks, ends, first
-        self._next_run = -1
+        last = min(first + windows * w - 1, total)
+        pack = _DATA_HEADER
+        if w == 1:  # lock-step: a run per block, built in one comprehension (3x the loop's speed)
+            ends = list(range(first, last + 1))
+            runs = [
+                pack(_DATA, n & MAX_BLOCK) + data[rel : rel + blksize]
+                for n, rel in zip(ends, range(0, (last - first + 1) * blksize, blksize))
+            ]
+        else:  # headers and payloads interleaved by slice assignment, then one join per window
+            view, count = memoryview(data), last - first + 1
+            pieces: list[bytes | memoryview] = [b""] * (2 * count)
+            pieces[0::2] = [pack(_DATA, n & MAX_BLOCK) for n in range(first, last + 1)]
+            pieces[1::2] = [view[rel : rel + blksize] for rel in range(0, count * blksize, blksize)]
+            runs = [b"".join(pieces[2 * k : 2 * (k + w)]) for k in range(0, count, w)]
+            ends = [min(start + w - 1, last) for start in range(first, last + 1, w)]
+        acks = [_ACK_OF(_ACK, end & MAX_BLOCK) if end < total else None for end in ends]
+        self._runs, self._acks, self._ends = runs, acks, ends
+        self._plan_first, self._next_run = first, -1
+        if key is not None and self._cache is not None:
+            self._cache.put(key, (runs, acks, ends), length + 4 * len(ends))
 
     def _fail(self, code: ErrorCode, message: str) -> TransferAborted:
         self.finished = True

@@ -429,6 +429,34 @@ async def test_curl_with_busy_polling_disabled(root: Path, tmp_path: Path) -> No
         srv.close()
 
 
+@needs_curl
+async def test_transfers_share_a_file_version_and_never_serve_an_old_one(
+    server: TftpServer, root: Path, tmp_path: Path
+) -> None:
+    """The second fetch of a file comes from the run cache; a file rewritten
+    in place (same size) or replaced by a rename is served new, never stale."""
+    out = tmp_path / "out"
+    url = f"tftp://127.0.0.1:{server.port}/f1m.bin"
+
+    async def fetch() -> bytes:
+        assert await run("curl", "-s", "--tftp-blksize", "1468", "-o", str(out), url) == 0
+        return out.read_bytes()
+
+    assert server.run_cache is not None
+    assert await fetch() == (root / "f1m.bin").read_bytes()
+    misses = server.run_cache.misses
+    assert await fetch() == (root / "f1m.bin").read_bytes()
+    assert server.run_cache.misses == misses == server.run_cache.hits == 17  # 715 blocks, 44 per read-ahead
+    new = os.urandom(1 << 20)
+    with open(root / "f1m.bin", "r+b") as f:  # in place: same inode, same size
+        f.write(new)
+    assert await fetch() == new
+    newer = os.urandom(1 << 20)
+    (tmp_path / "staged").write_bytes(newer)
+    os.replace(tmp_path / "staged", root / "f1m.bin")  # how loaders are updated: a new inode
+    assert await fetch() == newer
+
+
 async def test_a_long_client_error_ends_the_transfer_at_once(server: TftpServer, peer: Peer) -> None:
     """An ERROR longer than the server's read size is cut, and still honoured:
     the slot is freed now, not after the retransmission timeouts."""

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pvsfarm.bootstrap.tftp.session import (
     MessageIgnored,
     ReadSession,
+    RunCache,
     SessionLimits,
     TransferAborted,
     TransferComplete,
@@ -412,3 +413,58 @@ def test_file_is_read_ahead_in_chunks() -> None:
         datagrams = _step(s, ack(m.block), 0, fast=True)  # type: ignore[union-attr]
     assert bytes(got) == content
     assert len(reads) == 4 and all(length <= 65536 for _, length in reads)  # not one read per block
+
+
+def test_run_cache_keeps_the_most_recently_used_within_its_bytes() -> None:
+    cache = RunCache(max_bytes=100)
+    runs = ([b"x" * 40], [None], [1])
+    cache.put("a", runs, 40)
+    cache.put("b", runs, 40)
+    assert cache.get("a") is runs  # "a" is now the most recent
+    cache.put("c", runs, 40)  # 120 > 100: the least recently used ("b") goes
+    assert cache.get("b") is None and cache.get("a") is runs and cache.get("c") is runs
+    assert cache.size_bytes == 80 and (cache.hits, cache.misses) == (3, 1)
+    cache.put("big", runs, 101)  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("big") is None and cache.size_bytes == 80
+    cache.put("a", runs, 10)  # replaced: counted once
+    assert cache.size_bytes == 50
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    size=st.integers(0, 200_000),
+    blksize=st.sampled_from([8, 512, 1468, 9000]),
+    window=st.integers(1, 12),
+)
+def test_transfers_of_one_file_version_share_its_runs(size: int, blksize: int, window: int) -> None:
+    """The second transfer of the same key reads nothing and sends the same
+    datagrams as the first; another key (the file changed) reads again."""
+    content = os.urandom(size)
+    reads: list[int] = []
+
+    def read_at(offset: int, length: int) -> bytes:
+        reads.append(offset)
+        return content[offset : offset + length]
+
+    cache = RunCache(max_bytes=1 << 30)
+    request = ReadRequest("f", options=(("blksize", str(blksize)), ("windowsize", str(window))))
+
+    def transfer(key: object) -> list[bytes]:
+        s = ReadSession.start(request, size, read_at, LIMITS, cache, key)
+        sent = s.datagrams_to_send(0)  # the OACK
+        reply = ack(0)
+        while not s.finished:
+            window_datagrams = _step(s, reply, 0, fast=True)
+            assert window_datagrams or s.finished
+            sent += window_datagrams
+            if window_datagrams:
+                reply = ack(parse(window_datagrams[-1]).block)  # type: ignore[union-attr]
+        return sent
+
+    first = transfer(("dev", "ino", 1))
+    reads_first = len(reads)
+    assert reads_first > 0 or size == 0
+    assert transfer(("dev", "ino", 1)) == first and len(reads) == reads_first  # all from the cache
+    assert transfer(("dev", "ino", 2)) == first and len(reads) == 2 * reads_first  # another version: read
+    got = b"".join(m.payload for m in map(parse, first[1:]))  # type: ignore[union-attr]
+    assert got == content
