@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvsfarm.bootstrap.tftp import files
-from pvsfarm.bootstrap.tftp.session import MAX_BLKSIZE, ReadSession, RunCache, SessionLimits
+from pvsfarm.bootstrap.tftp.run_cache import RunCache
+from pvsfarm.bootstrap.tftp.session import MAX_BLKSIZE, ReadSession, SessionLimits
 from pvsfarm.bootstrap.tftp.transfer import Transfer
 from pvsfarm.bootstrap.tftp.wire import (
     Error,

@@ -50,6 +50,7 @@ from pvsfarm.backoff import SpinBackoff
 from pvsfarm.bootstrap.tftp.files import FileSource
 from pvsfarm.bootstrap.tftp.session import (
     MessageIgnored,
+    Plan,
     ReadSession,
     TransferAborted,
     TransferComplete,
@@ -149,7 +150,6 @@ class Transfer:
         """Serve ``data`` and what follows it within one busy-poll slice: each
         next window as soon as the previous one's ACK is read."""
         session, loop_time = self.session, self.loop.time
-        read, write, fd, lone = os.read, os.write, self.fd, self._lone
         slice_end = loop_time() + BUSY_SLICE_S
         while not self.done:
             try:
@@ -157,41 +157,49 @@ class Transfer:
             except Exception as exc:  # I/O error on the file, or a bug: end this transfer only
                 self._crash(exc)
                 return
-            if plan is None:
-                if not self._receive(data) or loop_time() >= slice_end or self.done:
-                    return
-                data = self._next_datagram()
-                if data is None:
-                    return
-                continue
-            runs, acks, start = plan
-            sent = 0
-            for i in range(start, len(runs)):
-                try:
-                    if lone:
-                        write(fd, runs[i])
-                    else:
-                        self._send_run(runs[i])
-                except OSError as exc:
-                    self._send_failed(exc)
-                sent += 1
-                if not sent & 15 and loop_time() >= slice_end:
-                    data = None
-                    break
-                try:  # a client sharing this CPU, woken by the send, has usually answered already
-                    data = read(fd, RECV_BYTES)
-                except (BlockingIOError, InterruptedError):
-                    data = self._poll()
-                except OSError as exc:
-                    data = self._abandon(exc)
-                else:
-                    self._misses = 0
-                if data != acks[i]:  # anything else (None: nothing came) ends the plan
-                    break
-            session.commit(sent, loop_time())
-            if data is None:  # the slice is over, or nothing came within the poll
+            if plan is not None:
+                next_data = self._send_planned(plan, slice_end)
+            elif not self._receive(data) or loop_time() >= slice_end or self.done:
                 return
-            # else: the next plan, or the general path for what came instead
+            else:
+                next_data = self._next_datagram()
+            if next_data is None:  # the slice is over, or nothing came within the poll
+                return
+            data = next_data  # the next plan, or the general path for what came instead
+
+    def _send_planned(self, plan: Plan, slice_end: float) -> bytes | None:
+        """Send the plan's runs, each as soon as the previous one's ACK is read
+        (per block: a write, a read, a comparison), and commit them.  The
+        datagram that ended the plan (the next plan's ACK, or anything else),
+        or None: back to the event loop."""
+        read, write, fd, lone, loop_time = os.read, os.write, self.fd, self._lone, self.loop.time
+        runs, acks, start = plan
+        sent = 0
+        data: bytes | None = None
+        for i in range(start, len(runs)):
+            try:
+                if lone:
+                    write(fd, runs[i])
+                else:
+                    self._send_run(runs[i])
+            except OSError as exc:
+                self._send_failed(exc)
+            sent += 1
+            if not sent & 15 and loop_time() >= slice_end:
+                data = None
+                break
+            try:  # a client sharing this CPU, woken by the send, has usually answered already
+                data = read(fd, RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                data = self._poll()
+            except OSError as exc:
+                data = self._abandon(exc)
+            else:
+                self._misses = 0
+            if data != acks[i]:  # anything else (None: nothing came) ends the plan
+                break
+        self.session.commit(sent, loop_time())
+        return data
 
     def _next_datagram(self) -> bytes | None:
         """The next datagram, at once or within the busy poll; None: back to

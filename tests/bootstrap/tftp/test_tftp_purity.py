@@ -11,7 +11,7 @@ import pytest
 
 import pvsfarm.bootstrap.tftp as pkg
 
-PURE = ["wire", "session"]
+PURE = ["wire", "session", "run_cache"]
 FORBIDDEN = {"asyncio", "socket", "time", "sqlalchemy", "selectors", "uvloop", "tftpy"}
 
 

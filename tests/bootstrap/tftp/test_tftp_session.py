@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pvsfarm.bootstrap.tftp.run_cache import RunCache
 from pvsfarm.bootstrap.tftp.session import (
     MessageIgnored,
     ReadSession,
-    RunCache,
     SessionLimits,
     TransferAborted,
     TransferComplete,
