@@ -17,6 +17,7 @@ bytes of a qemu-img convert (2 MiB reads) through user space.  Without an event 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from typing import Callable, Sequence
@@ -46,8 +47,14 @@ def read_extent(extent: Extent, skip: int = 0) -> bytes | memoryview:
         return zeros(length)
     data = os.pread(extent.fd, length, extent.file_offset + skip)
     if len(data) != length:
-        raise OSError(5, f"short read: {len(data)} of {length} bytes")
+        raise short_read(len(data), length)
     return data
+
+
+def short_read(got: int, wanted: int) -> OSError:
+    """The error of a read that returned fewer bytes than the extent holds (the file
+    shrank under us): EIO, which the caller answers to the client."""
+    return OSError(errno.EIO, f"short read: {got} of {wanted} bytes")
 
 
 class ReplyWriter:
@@ -99,7 +106,7 @@ class ReplyWriter:
             if total < self._sendfile_direct_min:
                 data = os.pread(ext.fd, total, ext.file_offset) if ext.fd >= 0 else zeros(total)
                 if len(data) != total:
-                    raise OSError(5, f"short read: {len(data)} of {total} bytes")
+                    raise short_read(len(data), total)
                 self._parts += (header, data)
                 self._size += total + len(header)
                 if self._size >= self._flush_bytes:
@@ -125,9 +132,9 @@ class ReplyWriter:
         take goes to the transport, copied.  fio 4K QD1, one connection, a plain file:
         18.6k -> 20.5k IOPS against ``read_reply`` + ``flush`` through uvloop's
         ``writelines`` (10 paired runs, ratios 1.00-1.14), with the same system calls
-        (strace); where the time went in ``writelines`` was not isolated.  False, with nothing done,
-        when those conditions do not hold (use ``read_reply``); OSError before anything
-        is sent if the read fails (the caller answers EIO)."""
+        (strace); where the time went in ``writelines`` was not isolated.  False, with
+        nothing done, when those conditions do not hold (use ``read_reply``); OSError
+        before anything is sent if the read fails (the caller answers EIO)."""
         if len(extents) != 1 or self._parts or self._rest or self._sock_fd < 0:
             return False
         ext = extents[0]
@@ -143,7 +150,7 @@ class ReplyWriter:
             data = _scratch[0][:length]
             got = os.preadv(ext.fd, [data], ext.file_offset)
             if got != length:
-                raise OSError(5, f"short read: {got} of {length} bytes")
+                raise short_read(got, length)
         try:
             sent = os.writev(self._sock_fd, (header, data))
         except OSError:
@@ -198,7 +205,7 @@ class ReplyWriter:
                 except BlockingIOError:
                     return False
                 if n == 0:
-                    raise OSError(5, "backing file shorter than the extent")
+                    raise OSError(errno.EIO, "backing file shorter than the extent")
                 piece[1], piece[2] = offset + n, left - n
                 if left > n:
                     continue
