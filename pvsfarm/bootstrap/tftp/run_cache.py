@@ -17,9 +17,9 @@ class RunCache:
     """DATA runs laid out by transfers, for the next transfers of the same
     file version, blksize and windowsize (a boot storm fetches one loader
     hundreds of times): a hit costs a dict lookup instead of a read and the
-    layout of ~44 datagrams (~17 us with the read, 1468-octet blocks).  Least recently used entries go first
-    beyond ``max_bytes``; the runs are immutable ``bytes``, shared, never
-    copied.  Pure: no I/O, no clock."""
+    layout of ~44 datagrams (~17 us with the read, 1468-octet blocks).
+    Least recently used entries go first beyond ``max_bytes``; the runs are
+    immutable ``bytes``, shared, never copied.  Pure: no I/O, no clock."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes

@@ -172,6 +172,9 @@ class Transfer:
         (per block: a write, a read, a comparison), and commit them.  The
         datagram that ended the plan (the next plan's ACK, or anything else),
         or None: back to the event loop."""
+        # `_send_run` and `_next_datagram`, inlined (as in `_on_readable`'s storm path):
+        # calling them cost 3-4 % of lock-step throughput (one CPU, atftp 32 MiB, two
+        # 5-round A/Bs: 214 -> 205-207 MB/s), and ~1 % of a storm of 50.
         read, write, fd, lone, loop_time = os.read, os.write, self.fd, self._lone, self.loop.time
         runs, acks, start = plan
         sent = 0
